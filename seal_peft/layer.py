@@ -1,0 +1,189 @@
+"""The SEAL tuner layer: a learned scale on the input of an attention output projection.
+
+For an output projection ``y = W x + b`` whose input ``x`` is the concatenation of the heads'
+attention outputs (column ``h * head_dim + d`` belongs to head ``h``), SEAL computes
+``y = W (s * x) + b`` where ``s`` is a per-channel vector built from the adapter's parameters:
+SEAL-H repeats one scalar per head over that head's ``head_dim`` channels, SEAL-C has one scalar per
+channel. Merging uses ``W (s * x) = (W diag(s)) x``: column ``j`` of ``W`` is multiplied by ``s_j``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# Channels whose merged scale is smaller than this (in absolute value) cannot be restored accurately
+# by division; their original weight values are kept aside at merge time and put back on unmerge.
+UNMERGE_EPS = 1e-2
+
+
+class SealLayer(BaseTunerLayer):
+    """Mixin holding the per-adapter SEAL scales of one output projection.
+
+    Attributes:
+        seal_scale: ``ParameterDict`` adapter name -> 1-D scale of length ``in_features // group``.
+        seal_group: adapter name -> channels per scale (``head_dim`` for SEAL-H, 1 for SEAL-C).
+    """
+
+    adapter_layer_names = ("seal_scale",)
+    other_param_names = ("seal_group",)
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.seal_scale = nn.ParameterDict({})
+        self.seal_group: dict[str, int] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        # adapter -> (per-channel vector actually folded in, kept original columns) for exact unmerge
+        self._seal_merge_state: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+        base = self.get_base_layer()
+        if isinstance(base, Conv1D):
+            self.is_conv1d = True
+            self.in_features, self.out_features = base.weight.shape
+        elif isinstance(base, nn.Linear):
+            self.is_conv1d = False
+            self.in_features, self.out_features = base.in_features, base.out_features
+        else:
+            raise TypeError(
+                f"SEAL can only wrap a Linear (or GPT-2 style Conv1D) attention output projection, got "
+                f"{type(base).__name__}. Point `target_modules` at the attention output projection "
+                f"(e.g. 'self_attn.o_proj')."
+            )
+
+    def update_layer(self, adapter_name: str, group: int, init_weights: bool = True, inference_mode: bool = False) -> None:
+        """Create the scales of ``adapter_name``: one per ``group`` consecutive input channels."""
+        if group <= 0 or self.in_features % group != 0:
+            raise ValueError(
+                f"SEAL head size {group} does not divide the projection's {self.in_features} input features; "
+                f"pass the correct `head_dim` in SealConfig (in_features = num_heads * head_dim)."
+            )
+        n = self.in_features // group
+        if init_weights:
+            value = torch.ones(n)
+        else:
+            # non-identity init for tests: every scale differs from 1 and from the others
+            value = 1.0 + 0.5 * torch.randn(n).clamp(-1.5, 1.5)
+        self.seal_scale[adapter_name] = nn.Parameter(value)
+        self.seal_group[adapter_name] = group
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def channel_scale(self, adapter_name: str) -> torch.Tensor:
+        """The per-input-channel scale vector (length ``in_features``) of one adapter."""
+        scale = self.seal_scale[adapter_name]
+        group = self.seal_group[adapter_name]
+        if group == 1:
+            return scale
+        return scale.repeat_interleave(group)
+
+    def _active_channel_scale(self) -> torch.Tensor | None:
+        vector = None
+        for name in self.active_adapters:
+            if name not in self.seal_scale:
+                continue
+            v = self.channel_scale(name)
+            vector = v if vector is None else vector * v
+        return vector
+
+    # ------------------------------------------------------------------ merge / unmerge
+    def _weight_view_scale(self, vector: torch.Tensor) -> torch.Tensor:
+        # nn.Linear weight is [out, in]: scale columns; Conv1D weight is [in, out]: scale rows.
+        return vector[:, None] if self.is_conv1d else vector[None, :]
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the scales of the given (default: active) adapters into the base weight.
+
+        Args:
+            safe_merge: compute the merged weight out of place and raise ``ValueError`` if it is not
+                finite, leaving the base weight untouched.
+            adapter_names: adapters to merge (default: the active ones).
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        weight = base.weight
+        if not weight.dtype.is_floating_point:
+            raise TypeError(
+                f"Cannot merge SEAL scales into a {weight.dtype} (quantized) weight; dequantize the model "
+                f"first or keep the adapter unmerged."
+            )
+        for name in adapter_names:
+            if name not in self.seal_scale:
+                continue
+            vector = self.channel_scale(name).detach().to(device=weight.device, dtype=torch.float32)
+            small = (vector.abs() < UNMERGE_EPS) | ~torch.isfinite(vector)
+            idx = small.nonzero().flatten()
+            kept = (weight.data[idx] if self.is_conv1d else weight.data[:, idx]).clone()
+            merged = (weight.data.float() * self._weight_view_scale(vector)).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            weight.data = merged
+            self._seal_merge_state[name] = (vector, idx, kept)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo all merges (last merged first), restoring the base weight."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        weight = base.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self._seal_merge_state:
+                continue
+            vector, idx, kept = self._seal_merge_state.pop(name)
+            safe = torch.where(vector.abs() < UNMERGE_EPS, torch.ones_like(vector), vector)
+            safe = torch.where(torch.isfinite(safe), safe, torch.ones_like(safe))
+            restored = (weight.data.float() / self._weight_view_scale(safe)).to(weight.dtype)
+            if self.is_conv1d:
+                restored[idx] = kept
+            else:
+                restored[:, idx] = kept
+            weight.data = restored
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The multiplicative factor a merge applies to the weight (broadcastable to its shape)."""
+        return self._weight_view_scale(self.channel_scale(adapter_name))
+
+
+class Linear(nn.Module, SealLayer):
+    """SEAL wrapper of a ``nn.Linear`` or GPT-2 style ``Conv1D`` attention output projection."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        group: int,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        SealLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, group=group, init_weights=init_weights, inference_mode=inference_mode)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        vector = self._active_channel_scale()
+        if vector is not None:
+            # Multiply in the activation dtype: no up-cast of the (large) activation; the gradient
+            # still flows to the fp32 scale through the cast.
+            x = x * vector.to(x.dtype)
+        return self.base_layer(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "seal." + super().__repr__()
