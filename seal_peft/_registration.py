@@ -60,5 +60,7 @@ def ensure_registered() -> None:
             from .config import SealConfig
             from .model import SealModel
 
-            register_peft_method(name=NAME.lower(), config_cls=SealConfig, model_cls=SealModel, prefix="seal_")
+            register_peft_method(
+                name=NAME.lower(), config_cls=SealConfig, model_cls=SealModel, prefix="seal_"
+            )
         _DONE = True

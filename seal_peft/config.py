@@ -129,7 +129,9 @@ class SealConfig(PeftConfig):
     )
     modules_to_save: list[str] | None = field(
         default=None,
-        metadata={"help": "Extra modules to train fully and store with the adapter (e.g. a classifier head)."},
+        metadata={
+            "help": "Extra modules to train fully and store with the adapter (e.g. a classifier head)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -155,10 +157,14 @@ class SealConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set)):
                 if not all(isinstance(v, str) for v in value):
-                    raise TypeError(f"SealConfig.{name} must be a list of module names or a regex string, got {value!r}.")
+                    raise TypeError(
+                        f"SealConfig.{name} must be a list of module names or a regex string, got {value!r}."
+                    )
                 setattr(self, name, set(value))
             elif value is not None and not isinstance(value, str):
-                raise TypeError(f"SealConfig.{name} must be a list of module names or a regex string, got {value!r}.")
+                raise TypeError(
+                    f"SealConfig.{name} must be a list of module names or a regex string, got {value!r}."
+                )
         if isinstance(self.layers_to_transform, bool) or (
             self.layers_to_transform is not None
             and not isinstance(self.layers_to_transform, int)

@@ -56,7 +56,9 @@ class SealLayer(BaseTunerLayer):
                 f"(e.g. 'self_attn.o_proj')."
             )
 
-    def update_layer(self, adapter_name: str, group: int, init_weights: bool = True, inference_mode: bool = False) -> None:
+    def update_layer(
+        self, adapter_name: str, group: int, init_weights: bool = True, inference_mode: bool = False
+    ) -> None:
         """Create the scales of ``adapter_name``: one per ``group`` consecutive input channels."""
         if group <= 0 or self.in_features % group != 0:
             raise ValueError(
@@ -123,7 +125,9 @@ class SealLayer(BaseTunerLayer):
             kept = (weight.data[idx] if self.is_conv1d else weight.data[:, idx]).clone()
             merged = (weight.data.float() * self._weight_view_scale(vector)).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken"
+                )
             weight.data = merged
             self._seal_merge_state[name] = (vector, idx, kept)
             self.merged_adapters.append(name)
@@ -131,7 +135,7 @@ class SealLayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Undo all merges (last merged first), restoring the base weight."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         weight = base.weight

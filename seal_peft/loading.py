@@ -69,4 +69,6 @@ def from_pretrained(
     if os.path.isdir(os.fspath(adapter)):
         sub = kwargs.get("subfolder")
         check_adapter_dir(os.path.join(os.fspath(adapter), sub) if sub else adapter)
-    return PeftModel.from_pretrained(model, adapter, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+    return PeftModel.from_pretrained(
+        model, adapter, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs
+    )

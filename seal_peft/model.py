@@ -22,7 +22,9 @@ def _text_config(model: nn.Module) -> Any:
     return config
 
 
-def resolve_head_dim(config: SealConfig, in_features: int, attention: nn.Module | None, model_config: Any, key: str) -> int:
+def resolve_head_dim(
+    config: SealConfig, in_features: int, attention: nn.Module | None, model_config: Any, key: str
+) -> int:
     """Number of input channels per head of the output projection ``key``.
 
     Order: ``config.head_dim`` > the attention module's ``head_dim`` / ``head_size`` > the model
@@ -102,11 +104,18 @@ class SealModel(BaseTuner):
             group = resolve_head_dim(peft_config, in_features, parent, _text_config(self.model), current_key)
         if isinstance(target, SealLayer):
             target.update_layer(
-                adapter_name, group=group, init_weights=peft_config.init_weights, inference_mode=peft_config.inference_mode
+                adapter_name,
+                group=group,
+                init_weights=peft_config.init_weights,
+                inference_mode=peft_config.inference_mode,
             )
             return
         new_module = Linear(
-            target, adapter_name, group=group, init_weights=peft_config.init_weights, inference_mode=peft_config.inference_mode
+            target,
+            adapter_name,
+            group=group,
+            init_weights=peft_config.init_weights,
+            inference_mode=peft_config.inference_mode,
         )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

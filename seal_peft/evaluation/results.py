@@ -1,0 +1,331 @@
+"""`EvalResult` (per-record rows + aggregates) and `evaluate_retrieval`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .generation import StopRule, as_records, check_fields, generate_answers
+from .scoring import default_scorer_name, get_scorer
+
+__all__ = ["EvalResult", "evaluate_retrieval", "score_records", "depth_bin_edges", "depth_label"]
+
+
+# ----------------------------------------------------------------------------------------------
+# grouping helpers (shared with the NIAH grid)
+# ----------------------------------------------------------------------------------------------
+def depth_bin_edges(bins: int | Sequence[float]) -> list[float]:
+    """Edges of depth bins over [0, 1]: ``bins`` equal bins, or explicit increasing edges."""
+    if isinstance(bins, int):
+        if bins < 1:
+            raise ValueError(f"the number of depth bins must be >= 1, got {bins}")
+        return [i / bins for i in range(bins + 1)]
+    edges = [float(e) for e in bins]
+    if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"depth bin edges must be at least two increasing numbers, got {list(bins)}")
+    return edges
+
+
+def _bin_index(value: float, edges: Sequence[float]) -> int | None:
+    """Half-open bins [e_i, e_{i+1}), the last one closed; None when outside."""
+    if value < edges[0] or value > edges[-1]:
+        return None
+    for i in range(len(edges) - 1):
+        if value < edges[i + 1]:
+            return i
+    return len(edges) - 2
+
+
+def depth_label(lo: float, hi: float) -> str:
+    """``"0.00-0.20"``: the label of a depth bin."""
+    return f"{lo:.2f}-{hi:.2f}"
+
+
+def nearest_bin(value: float, bins: Sequence[float]) -> float:
+    """The element of ``bins`` closest to ``value`` (ties go to the smaller one)."""
+    return min(bins, key=lambda b: (abs(b - value), b))
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# the result object
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    """Per-record rows of an evaluation plus the usual aggregates.
+
+    Every row is a plain dict with at least ``score`` (float in [0, 1]); retrieval rows also carry
+    ``index, task, length, depth, key, answer, output, correct``. ``accuracy`` is the mean score,
+    so for QA-F1 results it is the mean F1.
+    """
+
+    rows: list[dict[str, Any]]
+    name: str = ""
+    metric: str = "accuracy"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- aggregates ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    @property
+    def accuracy(self) -> float:
+        """Mean score over all rows (NaN for an empty result)."""
+        return _mean(r["score"] for r in self.rows)
+
+    @property
+    def num_correct(self) -> int:
+        return sum(1 for r in self.rows if r.get("correct", r["score"] >= 1.0))
+
+    def outputs(self) -> list[str]:
+        return [r.get("output", "") for r in self.rows]
+
+    def _grouped(self, key: Callable[[dict[str, Any]], Any]) -> dict[Any, list[float]]:
+        groups: dict[Any, list[float]] = {}
+        for row in self.rows:
+            k = key(row)
+            if k is not None:
+                groups.setdefault(k, []).append(row["score"])
+        return groups
+
+    def accuracy_by_length(self, bins: Sequence[int] | None = None) -> dict[int, float]:
+        """Mean score per ``length``, sorted by length.
+
+        ``bins`` (e.g. the target lengths ``[4096, 8192, 16384]``) assigns every row to the nearest
+        bin; useful when ``length`` holds measured token counts that scatter around the targets.
+        """
+        groups = self._grouped(lambda r: self._length_key(r, bins))
+        return {k: _mean(groups[k]) for k in sorted(groups)}
+
+    def counts_by_length(self, bins: Sequence[int] | None = None) -> dict[int, int]:
+        groups = self._grouped(lambda r: self._length_key(r, bins))
+        return {k: len(groups[k]) for k in sorted(groups)}
+
+    @staticmethod
+    def _length_key(row: Mapping[str, Any], bins: Sequence[int] | None) -> int | None:
+        length = row.get("length")
+        if length is None:
+            return None
+        return int(nearest_bin(length, bins)) if bins else int(length)
+
+    def accuracy_by_depth(self, bins: int | Sequence[float] = 5) -> dict[str, float]:
+        """Mean score per depth bin (``"0.00-0.20"`` ...), rows without a depth are skipped."""
+        edges = depth_bin_edges(bins)
+        groups = self._grouped(lambda r: self._depth_key(r, edges))
+        return {depth_label(edges[i], edges[i + 1]): _mean(groups[i]) for i in sorted(groups)}
+
+    def counts_by_depth(self, bins: int | Sequence[float] = 5) -> dict[str, int]:
+        edges = depth_bin_edges(bins)
+        groups = self._grouped(lambda r: self._depth_key(r, edges))
+        return {depth_label(edges[i], edges[i + 1]): len(groups[i]) for i in sorted(groups)}
+
+    @staticmethod
+    def _depth_key(row: Mapping[str, Any], edges: Sequence[float]) -> int | None:
+        depth = row.get("depth")
+        if depth is None or (isinstance(depth, float) and math.isnan(depth)):
+            return None
+        return _bin_index(float(depth), edges)
+
+    def accuracy_by_task(self) -> dict[str, float]:
+        groups = self._grouped(lambda r: r.get("task"))
+        return {k: _mean(groups[k]) for k in sorted(groups)}
+
+    def summary(
+        self, length_bins: Sequence[int] | None = None, depth_bins: int | Sequence[float] = 5
+    ) -> dict:
+        """All aggregates as a JSON-ready dict."""
+        return {
+            "name": self.name,
+            "metric": self.metric,
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "accuracy_by_length": self.accuracy_by_length(length_bins),
+            "count_by_length": self.counts_by_length(length_bins),
+            "accuracy_by_depth": self.accuracy_by_depth(depth_bins),
+            "count_by_depth": self.counts_by_depth(depth_bins),
+            "accuracy_by_task": self.accuracy_by_task(),
+        }
+
+    # -- output -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable({"summary": self.summary(), "meta": self.meta, "rows": self.rows})
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write summary + meta + every row as indented JSON; returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> EvalResult:
+        """Load a result written by :meth:`to_json` (e.g. to plot it later)."""
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or "rows" not in data:
+            raise ValueError(f"{path} is not an EvalResult JSON file (no 'rows'); write one with to_json()")
+        summary = data.get("summary", {})
+        return cls(
+            rows=data["rows"],
+            name=summary.get("name", ""),
+            metric=summary.get("metric", "accuracy"),
+            meta=data.get("meta", {}),
+        )
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write one CSV line per row (lists/dicts JSON-encoded); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        columns: list[str] = []
+        for row in self.rows:
+            columns.extend(k for k in row if k not in columns)
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for row in self.rows:
+                writer.writerow(
+                    {
+                        k: json.dumps(_jsonable(v), ensure_ascii=False) if isinstance(v, (list, dict)) else v
+                        for k, v in row.items()
+                    }
+                )
+        return path
+
+    def table(self, length_bins: Sequence[int] | None = None, depth_bins: int | Sequence[float] = 5) -> str:
+        """A printable text table: overall, per length, per depth bin (and per task if mixed)."""
+        title = f"{self.name or 'result'}: {self.metric} {self.accuracy:.3f}"
+        if self.metric == "accuracy":
+            title += f" ({self.num_correct}/{self.n})"
+        else:
+            title += f" (n={self.n})"
+        lines = [title]
+
+        def section(header: str, acc: Mapping[Any, float], counts: Mapping[Any, int]) -> None:
+            if not acc:
+                return
+            width = max(len(header), *(len(str(k)) for k in acc))
+            lines.append("")
+            lines.append(f"{header:>{width}}  {'n':>5}  {self.metric:>8}")
+            for k, v in acc.items():
+                lines.append(f"{k!s:>{width}}  {counts[k]:>5}  {v:>8.3f}")
+
+        section("length", self.accuracy_by_length(length_bins), self.counts_by_length(length_bins))
+        section("depth", self.accuracy_by_depth(depth_bins), self.counts_by_depth(depth_bins))
+        by_task = self.accuracy_by_task()
+        if len(by_task) > 1:
+            tasks = self._grouped(lambda r: r.get("task"))
+            section("task", by_task, {k: len(v) for k, v in tasks.items()})
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------
+def score_records(
+    records: Sequence[Mapping[str, Any]],
+    outputs: Sequence[str],
+    scorer: str | Callable[[Mapping[str, Any], str], float | bool] = "auto",
+) -> list[float]:
+    """Score each (record, output): ``"auto"`` picks the scorer from the record's ``task``."""
+    if len(records) != len(outputs):
+        raise ValueError(f"got {len(records)} records but {len(outputs)} outputs; pass one output per record")
+    check_fields(records, ("answer",), "scoring")
+    fixed = None if scorer == "auto" else get_scorer(scorer)
+    scores = []
+    for record, output in zip(records, outputs):
+        fn = fixed or get_scorer(default_scorer_name(record.get("task")))
+        scores.append(float(fn(record, output)))
+    return scores
+
+
+def evaluate_retrieval(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dataset: Any,
+    max_new_tokens: int = 24,
+    batch_size: int = 1,
+    progress: bool = True,
+    scorer: str | Callable[[Mapping[str, Any], str], float | bool] = "auto",
+    stop_rule: str | StopRule | None = "auto",
+    name: str = "",
+) -> EvalResult:
+    """Generate an answer for every record and score it.
+
+    Args:
+        model, tokenizer: the model under test (plain or ``PeftModel``) and its tokenizer.
+        dataset: records with ``input_ids``, ``prompt_length``, ``answer`` and optionally ``task``,
+            ``length``, ``depth``, ``key`` (what ``seal_peft.data`` produces).
+        scorer: ``"auto"`` (first-integer rule for ``line_retrieval``, word-boundary containment
+            otherwise), a name from :data:`seal_peft.evaluation.SCORERS` or a callable
+            ``(record, output) -> bool | float``.
+        stop_rule: see :func:`generate_answers`.
+        name: label stored in the result (used by tables and plots).
+
+    Returns:
+        :class:`EvalResult` with one row per record:
+        ``index, task, length, depth, key, answer, output, correct, score``.
+    """
+    records = as_records(dataset)
+    check_fields(records, ("input_ids", "prompt_length", "answer"), "retrieval evaluation")
+    outputs = generate_answers(
+        model,
+        tokenizer,
+        records,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+        stop_rule=stop_rule,
+    )
+    scores = score_records(records, outputs, scorer)
+    rows = []
+    for i, (record, output, score) in enumerate(zip(records, outputs, scores)):
+        rows.append(
+            {
+                "index": i,
+                "task": record.get("task"),
+                "length": int(record["length"])
+                if record.get("length") is not None
+                else int(record["prompt_length"]),
+                "depth": float(record["depth"]) if record.get("depth") is not None else None,
+                "key": record.get("key"),
+                "answer": record["answer"],
+                "output": output,
+                "correct": score >= 1.0,
+                "score": score,
+            }
+        )
+    meta = {"max_new_tokens": max_new_tokens, "scorer": scorer if isinstance(scorer, str) else "custom"}
+    return EvalResult(rows=rows, name=name, metric="accuracy", meta=meta)

@@ -1,0 +1,298 @@
+"""Core tuner behaviour on tiny models of every supported architecture family."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import ALL_ARCHS, CORE_ARCHS, L, make_model, tiny_config
+from peft import PeftModel, get_peft_model
+
+from seal_peft import TARGET_MODULES_MAPPING, SealConfig, SealLayer
+
+
+def seal_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SealLayer)]
+
+
+def output_projections(model):
+    """Names of the attention output projections of a plain model (independent of SEAL's matching)."""
+    suffixes = TARGET_MODULES_MAPPING[model.config.model_type]
+    return [n for n, _ in model.named_modules() if any(n.endswith("." + s) for s in suffixes)]
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("granularity", ["head", "channel"])
+def test_identity_at_init_and_param_count(arch, granularity, inputs):
+    base = make_model(arch)
+    ref = base(inputs).logits
+    _, heads, head_dim = tiny_config(arch)
+    model = get_peft_model(base, SealConfig(granularity=granularity))
+    out = model(inputs).logits
+    assert torch.equal(out, ref)
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == (L * heads if granularity == "head" else L * heads * head_dim)
+    assert len(seal_layers(model)) == L
+    for name, p in model.named_parameters():
+        assert p.requires_grad == ("seal_" in name), name
+
+
+def test_gpt2_targets_attention_not_mlp():
+    model = get_peft_model(make_model("gpt2"), SealConfig())
+    names = [n for n, _ in seal_layers(model)]
+    assert names and all(n.endswith("attn.c_proj") for n in names)
+    assert not any("mlp" in n for n in names)
+
+
+def _hooked_reference(arch, channel_scale, inputs):
+    """Logits of the plain model with the o_proj input multiplied by ``channel_scale`` via a hook."""
+    base = make_model(arch)
+    handles = []
+    for name in output_projections(base):
+        module = base.get_submodule(name)
+        handles.append(
+            module.register_forward_pre_hook(lambda m, args: (args[0] * channel_scale,) + args[1:])
+        )
+    try:
+        return base(inputs).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_head_scale_changes_exactly_that_head(arch, inputs):
+    _, heads, head_dim = tiny_config(arch)
+    model = get_peft_model(make_model(arch), SealConfig(granularity="head"))
+    h = heads - 2
+    with torch.no_grad():
+        for _, layer in seal_layers(model):
+            layer.seal_scale["default"][h] = 0.0
+    zeroed = model(inputs).logits
+    vector = torch.ones(heads * head_dim)
+    vector[h * head_dim : (h + 1) * head_dim] = 0.0
+    torch.testing.assert_close(zeroed, _hooked_reference(arch, vector, inputs), atol=1e-5, rtol=1e-5)
+    # and it actually changed the output
+    assert not torch.allclose(zeroed, make_model(arch)(inputs).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_channel_scale_matches_independent_hook(arch, inputs):
+    _, heads, head_dim = tiny_config(arch)
+    model = get_peft_model(make_model(arch), SealConfig(granularity="channel"))
+    torch.manual_seed(5)
+    vector = 1 + 0.3 * torch.randn(heads * head_dim)
+    with torch.no_grad():
+        for _, layer in seal_layers(model):
+            layer.seal_scale["default"].copy_(vector)
+    torch.testing.assert_close(
+        model(inputs).logits, _hooked_reference(arch, vector, inputs), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+@pytest.mark.parametrize("granularity", ["head", "channel"])
+def test_merge_unmerge(arch, granularity, inputs):
+    model = get_peft_model(make_model(arch), SealConfig(granularity=granularity, init_weights=False))
+    before = {n: m.get_base_layer().weight.detach().clone() for n, m in seal_layers(model)}
+    unmerged = model(inputs).logits
+    model.merge_adapter()
+    assert all(m.merged for _, m in seal_layers(model))
+    torch.testing.assert_close(model(inputs).logits, unmerged, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    for n, m in seal_layers(model):
+        torch.testing.assert_close(m.get_base_layer().weight, before[n], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model(inputs).logits, unmerged, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_merge_and_unload_gives_plain_model(arch, inputs):
+    model = get_peft_model(make_model(arch), SealConfig(init_weights=False))
+    unmerged = model(inputs).logits
+    merged = model.merge_and_unload(safe_merge=True)
+    assert not any(isinstance(m, SealLayer) for m in merged.modules())
+    assert not hasattr(merged, "peft_config")
+    assert type(merged).__module__.startswith("transformers.")
+    torch.testing.assert_close(merged(inputs).logits, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_unload_restores_base(inputs):
+    base = make_model("llama")
+    ref = base(inputs).logits
+    model = get_peft_model(base, SealConfig(init_weights=False))
+    assert not torch.allclose(model(inputs).logits, ref)
+    plain = model.unload()
+    assert not any(isinstance(m, SealLayer) for m in plain.modules())
+    assert torch.equal(plain(inputs).logits, ref)
+
+
+def test_near_zero_scales_unmerge_exactly():
+    model = get_peft_model(make_model("mistral"), SealConfig(granularity="channel"))
+    layer = seal_layers(model)[0][1]
+    with torch.no_grad():
+        layer.seal_scale["default"][:5] = torch.tensor([0.0, 1e-12, -1e-9, 1e-3, 1e-30])
+    weight = layer.get_base_layer().weight.detach().clone()
+    model.merge_adapter()
+    assert torch.all(layer.get_base_layer().weight[:, 0] == 0)
+    model.unmerge_adapter()
+    assert torch.equal(layer.get_base_layer().weight[:, :5], weight[:, :5])
+    torch.testing.assert_close(layer.get_base_layer().weight, weight, atol=1e-6, rtol=1e-6)
+
+
+def test_unmerge_uses_merged_values_even_if_scale_changed_after_merge():
+    model = get_peft_model(make_model("llama"), SealConfig(init_weights=False))
+    layer = seal_layers(model)[0][1]
+    weight = layer.get_base_layer().weight.detach().clone()
+    model.merge_adapter()
+    with torch.no_grad():
+        layer.seal_scale["default"].mul_(3.0)
+    model.unmerge_adapter()
+    torch.testing.assert_close(layer.get_base_layer().weight, weight, atol=1e-6, rtol=1e-6)
+
+
+def test_safe_merge_nan_raises_and_leaves_weights():
+    model = get_peft_model(make_model("llama"), SealConfig())
+    layer = seal_layers(model)[0][1]
+    weight = layer.get_base_layer().weight.detach().clone()
+    with torch.no_grad():
+        layer.seal_scale["default"][1] = float("nan")
+    with pytest.raises(
+        ValueError, match="NaNs detected in the merged weights. The adapter default seems to be broken"
+    ):
+        model.merge_and_unload(safe_merge=True)
+    assert torch.equal(layer.get_base_layer().weight, weight)
+    assert not layer.merged
+
+
+def test_multiple_adapters_set_and_combine(inputs):
+    base = make_model("qwen2")
+    ref = base(inputs).logits
+    model = get_peft_model(base, SealConfig(init_weights=False), adapter_name="ret")
+    model.add_adapter("kv", SealConfig(granularity="channel", init_weights=False))
+    out_a = model(inputs).logits
+    assert model.active_adapter == "ret"
+    # a newly added adapter is not trainable until activated
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith(".kv"))
+    model.set_adapter("kv")
+    out_b = model(inputs).logits
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.endswith(".kv"))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith(".ret"))
+    assert not torch.allclose(out_a, out_b)
+    # both active: product of the two per-channel scales, checked against a hook
+    model.base_model.set_adapter(["ret", "kv"])
+    both = model(inputs).logits
+    layer = seal_layers(model)[0][1]
+    assert not torch.allclose(both, out_a) and not torch.allclose(both, out_b)
+    vector = (layer.channel_scale("ret") * layer.channel_scale("kv")).detach()
+    scales = [m.channel_scale("ret").detach() * m.channel_scale("kv").detach() for _, m in seal_layers(model)]
+    assert torch.equal(scales[0], vector)
+    # merging both then unmerging restores
+    model.merge_adapter(["ret", "kv"])
+    torch.testing.assert_close(model(inputs).logits, both, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(model(inputs).logits, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model(inputs).logits, both, atol=1e-5, rtol=1e-5)
+
+
+def test_disable_adapter_context_with_merged_adapter(inputs):
+    base = make_model("llama")
+    ref = base(inputs).logits
+    model = get_peft_model(base, SealConfig(init_weights=False))
+    tuned = model(inputs).logits
+    model.merge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(model(inputs).logits, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(inputs).logits, tuned, atol=1e-5, rtol=1e-5)
+
+
+def test_delete_adapter(inputs):
+    model = get_peft_model(make_model("llama"), SealConfig(init_weights=False), adapter_name="ret")
+    model.add_adapter("kv", SealConfig(init_weights=False))
+    model.delete_adapter("ret")
+    assert list(model.peft_config) == ["kv"]
+    for _, layer in seal_layers(model):
+        assert set(layer.seal_scale) == {"kv"} and set(layer.seal_group) == {"kv"}
+    with pytest.raises(ValueError, match="does not exist"):
+        model.delete_adapter("nope")
+    model.merge_adapter()
+    with pytest.raises(ValueError):
+        model.delete_adapter("kv")
+    assert "kv" in model.peft_config
+
+
+def test_gradient_checkpointing_trains_scales():
+    model = make_model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, SealConfig())
+    model.train()
+    ids = torch.randint(0, 96, (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [m.seal_scale["default"].grad for _, m in seal_layers(model)]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_base_adapter_in_fp32(dtype, inputs):
+    base = make_model("llama", dtype=dtype)
+    ref = base(inputs).logits
+    model = get_peft_model(base, SealConfig())
+    for _, layer in seal_layers(model):
+        assert layer.seal_scale["default"].dtype == torch.float32
+        assert layer.get_base_layer().weight.dtype == dtype
+    out = model(inputs).logits
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+    with torch.no_grad():
+        for _, layer in seal_layers(model):
+            layer.seal_scale["default"].mul_(1.5)
+    tuned = model(inputs).logits
+    model.merge_adapter()
+    assert all(m.get_base_layer().weight.dtype == dtype for _, m in seal_layers(model))
+    torch.testing.assert_close(model(inputs).logits, tuned, atol=3e-2, rtol=3e-2)
+    # autocast off keeps the adapter in the model dtype
+    plain = get_peft_model(make_model("llama", dtype=dtype), SealConfig(), autocast_adapter_dtype=False)
+    assert all(m.seal_scale["default"].dtype == dtype for _, m in seal_layers(plain))
+
+
+def test_layers_to_transform_and_exclude():
+    model = get_peft_model(make_model("llama"), SealConfig(layers_to_transform=[1]))
+    assert [n for n, _ in seal_layers(model)] == ["base_model.model.model.layers.1.self_attn.o_proj"]
+    model = get_peft_model(
+        make_model("llama"), SealConfig(exclude_modules=["model.layers.0.self_attn.o_proj"])
+    )
+    assert [n for n, _ in seal_layers(model)] == ["base_model.model.model.layers.1.self_attn.o_proj"]
+
+
+def test_regex_target_modules():
+    model = get_peft_model(make_model("llama"), SealConfig(target_modules=r".*layers\.0\.self_attn\.o_proj"))
+    assert len(seal_layers(model)) == 1
+
+
+def test_head_dim_override_and_detection():
+    # explicit head_dim wins over detection
+    model = get_peft_model(make_model("llama"), SealConfig(head_dim=16))
+    assert seal_layers(model)[0][1].seal_scale["default"].shape == (2,)
+    # gemma3: head_dim from the attention module (16), not hidden/heads (8)
+    model = get_peft_model(make_model("gemma3"), SealConfig())
+    assert seal_layers(model)[0][1].seal_group["default"] == 16
+
+
+def test_modules_to_save_are_trained_and_saved(tmp_path):
+    model = get_peft_model(make_model("llama"), SealConfig(modules_to_save=["lm_head"]))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lm_head.modules_to_save" in n for n in names)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert any("lm_head" in k for k in keys) and any("seal_scale" in k for k in keys)
+
+
+def test_deepcopy_and_state_dict_names():
+    model = get_peft_model(make_model("llama"), SealConfig())
+    clone = copy.deepcopy(model)
+    assert [n for n, _ in seal_layers(clone)] == [n for n, _ in seal_layers(model)]
+    assert all("seal_" in k for k in model.state_dict() if "seal" in k)
+    assert isinstance(model, PeftModel)
