@@ -1,0 +1,209 @@
+"""Training SEAL with the stock HF ``Trainer``: a collator, recommended arguments, and two optional
+ways to keep the rest of the model intact (a pull of the scales toward 1, and plain-text LM samples
+mixed into the data). Nothing here replaces the Trainer's loop.
+
+Example::
+
+    from transformers import Trainer
+    from seal_peft.training import SealDataCollator, seal_training_arguments
+
+    args = seal_training_arguments("out", granularity="head")
+    Trainer(model=peft_model, args=args, train_dataset=ds, data_collator=SealDataCollator(tok)).train()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+#: the paper's learning rates (LongEval line retrieval, 7B): SEAL-H 1e-2, SEAL-C 2e-2
+DEFAULT_LR = {"head": 1e-2, "channel": 2e-2}
+
+
+class SealDataCollator:
+    """Pads ``input_ids`` / ``attention_mask`` / ``labels`` to the longest sample of the batch.
+
+    Metadata columns (``length``, ``depth``, ``answer`` ...) are dropped, so the Trainer can run with
+    ``remove_unused_columns=False``. Padding is on the right; padded labels are -100.
+    """
+
+    def __init__(
+        self, tokenizer: Any = None, pad_token_id: int | None = None, pad_to_multiple_of: int | None = None
+    ):
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = (
+                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            )
+        self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("SealDataCollator got an empty batch.")
+        for i, f in enumerate(features):
+            if "input_ids" not in f or "labels" not in f:
+                raise ValueError(
+                    f"Sample {i} has no 'input_ids'/'labels'; build training data with seal_peft.data generators "
+                    f"(or give each sample input_ids and labels with the prompt masked to -100)."
+                )
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), -100, dtype=torch.long)
+        mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.as_tensor(f["input_ids"])
+            labels[i, :n] = torch.as_tensor(f["labels"])
+            mask[i, :n] = torch.as_tensor(f.get("attention_mask", [1] * n))
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def seal_training_arguments(
+    output_dir: str,
+    granularity: str = "head",
+    learning_rate: float | None = None,
+    num_train_epochs: float = 1.0,
+    per_device_train_batch_size: int = 1,
+    gradient_accumulation_steps: int = 1,
+    gradient_checkpointing: bool = False,
+    seed: int = 0,
+    **overrides: Any,
+):
+    """``TrainingArguments`` with the paper's recipe for SEAL.
+
+    AdamW, constant learning rate (1e-2 for ``"head"``, 2e-2 for ``"channel"`` unless given), no
+    warm-up, no weight decay on the scales, 1 epoch, batch 1 (+ optional accumulation), optional
+    gradient checkpointing (non-reentrant, so the frozen model needs no input grads). No
+    checkpoints or reports by default; anything can be overridden by keyword.
+    """
+    from transformers import TrainingArguments
+
+    if granularity not in DEFAULT_LR:
+        raise ValueError(f"granularity={granularity!r}: use 'head' or 'channel'.")
+    kwargs: dict[str, Any] = dict(
+        output_dir=output_dir,
+        learning_rate=DEFAULT_LR[granularity] if learning_rate is None else learning_rate,
+        num_train_epochs=num_train_epochs,
+        per_device_train_batch_size=per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+    )
+    # transformers 5.x renamed gradient_checkpointing -> activation_checkpointing (old name deprecated)
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    kwargs[ckpt] = gradient_checkpointing
+    kwargs[f"{ckpt}_kwargs"] = {"use_reentrant": False} if gradient_checkpointing else None
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def seal_scales(model: nn.Module) -> list[torch.Tensor]:
+    """All trainable SEAL scale tensors of ``model`` (active adapters)."""
+    return [p for n, p in model.named_parameters() if "seal_scale" in n and p.requires_grad]
+
+
+def scale_pull_loss(model: nn.Module, strength: float) -> Callable:
+    """A ``compute_loss_func`` for ``Trainer``: answer cross-entropy + ``strength * mean((s - 1)^2)``.
+
+    Pulling the scales toward 1 (identity) limits how far SEAL moves the model away from the base
+    — a cheap guard for general ability (perplexity). ``strength=0`` is the plain answer loss.
+    """
+    if strength < 0:
+        raise ValueError(f"strength={strength} must be >= 0.")
+
+    def compute_loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        shift_logits = logits[..., :-1, :].float()
+        shift_labels = labels[..., 1:].to(logits.device)
+        loss = nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        count = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum()
+        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+        if strength > 0:
+            scales = seal_scales(model)
+            if scales:
+                penalty = torch.cat([(s.float() - 1).pow(2).flatten() for s in scales]).mean()
+                loss = loss + strength * penalty.to(loss.device)
+        return loss
+
+    return compute_loss
+
+
+def mix_lm_samples(dataset, lm_samples, every: int = 5, seed: int = 0):
+    """Interleave plain language-modelling samples into SEAL training data.
+
+    ``lm_samples`` is a dataset/list of records with ``input_ids`` (labels = the ids: every token is
+    predicted), e.g. from ``lm_text_samples``. One LM sample is inserted after every ``every``
+    retrieval samples (order otherwise kept), so the scales also have to keep the model a good
+    language model. Returns a ``datasets.Dataset`` with the columns ``input_ids``, ``attention_mask``,
+    ``labels``.
+    """
+    from datasets import Dataset
+
+    if every < 1:
+        raise ValueError(f"every={every} must be >= 1.")
+    task = [_core_record(r) for r in dataset]
+    lm = [_core_record({**r, "labels": r.get("labels", r["input_ids"])}) for r in lm_samples]
+    if not task:
+        raise ValueError("mix_lm_samples: the retrieval dataset is empty.")
+    if not lm:
+        raise ValueError("mix_lm_samples: no LM samples given.")
+    rng = random.Random(seed)
+    rng.shuffle(lm)
+    out, j = [], 0
+    for i, r in enumerate(task, 1):
+        out.append(r)
+        if i % every == 0:
+            out.append(lm[j % len(lm)])
+            j += 1
+    return Dataset.from_list(out)
+
+
+def lm_text_samples(
+    tokenizer: Any, texts: Sequence[str], num_samples: int, length: int, seed: int = 0
+) -> list[dict]:
+    """Cut ``num_samples`` windows of ``length`` tokens out of ``texts`` (labels = ids)."""
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+    if len(ids) < length:
+        raise ValueError(f"lm_text_samples: the texts hold {len(ids)} tokens, fewer than length={length}.")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_samples):
+        start = rng.randrange(0, len(ids) - length + 1)
+        window = ids[start : start + length]
+        rows.append({"input_ids": window, "attention_mask": [1] * length, "labels": list(window)})
+    return rows
+
+
+def _core_record(r: dict) -> dict:
+    n = len(r["input_ids"])
+    return {
+        "input_ids": list(r["input_ids"]),
+        "attention_mask": list(r.get("attention_mask", [1] * n)),
+        "labels": list(r["labels"]),
+    }

@@ -1,0 +1,119 @@
+"""Training helpers for the stock HF Trainer (tiny models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, make_model
+from peft import get_peft_model
+from transformers import Trainer
+
+from seal_peft import SealConfig
+from seal_peft.training import (
+    SealDataCollator,
+    lm_text_samples,
+    mix_lm_samples,
+    scale_pull_loss,
+    seal_scales,
+    seal_training_arguments,
+)
+
+
+def _rows(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 10 + i % 3
+        ids = torch.randint(1, VOCAB, (length,), generator=g).tolist()
+        labels = [-100] * (length - 3) + ids[-3:]
+        rows.append(
+            {"input_ids": ids, "labels": labels, "attention_mask": [1] * length, "answer": "7", "depth": 0.5}
+        )
+    return rows
+
+
+def test_collator_pads_and_drops_metadata():
+    batch = SealDataCollator(pad_token_id=0)(_rows(3))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["input_ids"].shape == (3, 12)
+    assert batch["attention_mask"][0].tolist() == [1] * 10 + [0, 0]
+    assert batch["labels"][0, 10:].tolist() == [-100, -100]
+    assert SealDataCollator(pad_token_id=0, pad_to_multiple_of=8)(_rows(3))["input_ids"].shape == (3, 16)
+    with pytest.raises(ValueError, match="empty batch"):
+        SealDataCollator()([])
+    with pytest.raises(ValueError, match="no 'input_ids'/'labels'"):
+        SealDataCollator()([{"text": "x"}])
+
+
+def test_recommended_arguments(tmp_path):
+    args = seal_training_arguments(str(tmp_path), granularity="head")
+    assert args.learning_rate == 1e-2 and args.weight_decay == 0.0 and args.num_train_epochs == 1
+    assert args.lr_scheduler_type == "constant" and args.per_device_train_batch_size == 1
+    assert "adamw" in str(args.optim).lower()
+    assert seal_training_arguments(str(tmp_path), granularity="channel").learning_rate == 2e-2
+    assert (
+        seal_training_arguments(
+            str(tmp_path), learning_rate=3e-2, gradient_accumulation_steps=4
+        ).gradient_accumulation_steps
+        == 4
+    )
+    with pytest.raises(ValueError, match="use 'head' or 'channel'"):
+        seal_training_arguments(str(tmp_path), granularity="layer")
+
+
+def test_scale_pull_loss_is_ce_plus_penalty():
+    model = get_peft_model(make_model("llama"), SealConfig(init_weights=False))
+    batch = SealDataCollator(pad_token_id=0)(_rows(2))
+    out = model(**batch)
+    plain = scale_pull_loss(model, 0.0)(out, batch["labels"])
+    torch.testing.assert_close(plain, out.loss, atol=1e-5, rtol=1e-5)
+    pulled = scale_pull_loss(model, 2.0)(out, batch["labels"])
+    penalty = torch.cat([(s - 1).pow(2) for s in seal_scales(model)]).mean()
+    torch.testing.assert_close(pulled, out.loss + 2.0 * penalty, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        scale_pull_loss(model, -1.0)
+
+
+def test_mix_lm_samples():
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % VOCAB for c in text]}
+
+    lm = lm_text_samples(Tok(), ["abcdefghij" * 5], num_samples=3, length=8, seed=1)
+    assert all(len(r["input_ids"]) == 8 and r["labels"] == r["input_ids"] for r in lm)
+    mixed = mix_lm_samples(_rows(6), lm, every=2)
+    assert len(mixed) == 9 and set(mixed.column_names) == {"input_ids", "attention_mask", "labels"}
+    assert mixed[2]["labels"] == mixed[2]["input_ids"]
+    with pytest.raises(ValueError, match="fewer than length"):
+        lm_text_samples(Tok(), ["ab"], 1, 8)
+
+
+@pytest.mark.parametrize("granularity", ["head", "channel"])
+def test_trainer_with_recommended_args_lowers_answer_loss(tmp_path, granularity):
+    model = get_peft_model(make_model("llama"), SealConfig(granularity=granularity))
+    rows = _rows(4) * 6
+    collate = SealDataCollator(pad_token_id=0)
+    batch = collate(rows[:4])
+    with torch.no_grad():
+        before = model(**batch).loss.item()
+    args = seal_training_arguments(
+        str(tmp_path),
+        granularity=granularity,
+        learning_rate=5e-2,
+        disable_tqdm=True,
+        use_cpu=True,
+        gradient_checkpointing=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=collate,
+        compute_loss_func=scale_pull_loss(model, 0.01),
+    )
+    trainer.train()
+    with torch.no_grad():
+        after = model(**batch).loss.item()
+    assert after < before
+    scales = torch.cat([s.detach() for s in seal_scales(model)])
+    assert not torch.allclose(scales, torch.ones_like(scales))
