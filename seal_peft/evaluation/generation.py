@@ -141,11 +141,26 @@ def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+def _forward_parameters(model: torch.nn.Module) -> set[str]:
     try:
-        return "logits_to_keep" in inspect.signature(_inner_model(model).forward).parameters
+        return set(inspect.signature(_inner_model(model).forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return set()
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in _forward_parameters(model)
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """transformers >= 5.24 names the KV-cache argument ``cache`` (``past_key_values`` is deprecated)."""
+    params = _forward_parameters(model)
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def _output_cache(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -184,6 +199,7 @@ def _greedy_batch(
     should_stop: Callable[[int, list[int]], bool] | None,
     pad_token_id: int,
     use_logits_to_keep: bool,
+    cache_kwarg: str = "past_key_values",
 ) -> list[list[int]]:
     device = _model_device(model)
     batch, width = len(prompts), max(len(p) for p in prompts)
@@ -201,7 +217,7 @@ def _greedy_batch(
     if use_logits_to_keep:
         kwargs["logits_to_keep"] = 1
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-    logits, past = _last_logits(out), out.past_key_values
+    logits, past = _last_logits(out), _output_cache(out)
     del out
     next_position = position_ids[:, -1:] + 1
 
@@ -225,10 +241,10 @@ def _greedy_batch(
             input_ids=next_tokens[:, None],
             attention_mask=attention_mask,
             position_ids=next_position,
-            past_key_values=past,
             use_cache=True,
+            **{cache_kwarg: past},
         )
-        logits, past = _last_logits(out), out.past_key_values
+        logits, past = _last_logits(out), _output_cache(out)
         del out
         next_position = next_position + 1
     return generated
@@ -277,6 +293,7 @@ def greedy_generate(
         eos_ids = {int(t) for t in eos_token_id}
 
     use_ltk = _accepts_logits_to_keep(model)
+    cache_kwarg = _cache_kwarg(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list[list[int] | None] = [None] * len(prompts)
     was_training = model.training
@@ -296,6 +313,7 @@ def greedy_generate(
                     row_stop,
                     pad_token_id,
                     use_ltk,
+                    cache_kwarg,
                 )
                 for i, toks in zip(idx, batch_out):
                     results[i] = toks

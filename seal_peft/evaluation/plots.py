@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .results import EvalResult, _bin_index, depth_bin_edges, nearest_bin
+import numpy as np
+
+from .results import EvalResult, _bin_index, auto_depth_values, auto_length_bins, depth_bin_edges, nearest_bin
 
 __all__ = ["NeedleGrid", "needle_grid", "plot_heatmap", "plot_accuracy_vs_length"]
-
-# above this many distinct depth values the grid bins depths instead of using each value
-_MAX_DISCRETE_DEPTHS = 21
 
 
 @dataclass
@@ -56,10 +55,12 @@ class NeedleGrid:
         }
 
 
-def _rows_of(result: EvalResult | Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], str]:
+def _rows_of(
+    result: EvalResult | Sequence[Mapping[str, Any]],
+) -> tuple[list[Mapping[str, Any]], str, list[int] | None]:
     if isinstance(result, EvalResult):
-        return list(result.rows), result.name
-    return list(result), ""
+        return list(result.rows), result.name, result.length_bins
+    return list(result), "", None
 
 
 def needle_grid(
@@ -71,13 +72,14 @@ def needle_grid(
 
     Args:
         result: an :class:`EvalResult` or its rows (each with ``length``, ``depth``, ``score``).
-        depth_bins: ``None`` keeps every distinct depth as its own row when there are at most 21
-            (the usual NIAH grid: 0, 0.1, ..., 1.0) and falls back to 10 equal bins otherwise;
-            an int gives that many equal bins over [0, 1]; a sequence gives explicit edges.
-        length_bins: target lengths; every row goes to the nearest one. ``None`` uses the
-            distinct ``length`` values.
+        depth_bins: ``None`` recovers the requested depth grid (0, 0.1, ..., 1.0) from the
+            measured depths when they cluster on one (:func:`auto_depth_values`, one row per grid
+            value) and falls back to 10 equal bins otherwise (e.g. random depths); an int gives
+            that many equal bins over [0, 1]; a sequence gives explicit edges.
+        length_bins: requested lengths; every row goes to the nearest one. ``None`` uses the
+            result's ``length_bins`` or groups the measured lengths (:func:`auto_length_bins`).
     """
-    rows, name = _rows_of(result)
+    rows, name, result_bins = _rows_of(result)
     rows = [r for r in rows if r.get("depth") is not None and r.get("length") is not None]
     if not rows:
         raise ValueError(
@@ -85,19 +87,19 @@ def needle_grid(
             "carry a depth (e.g. seal_peft.data needle / line-retrieval records)"
         )
 
+    bins = list(length_bins or result_bins or auto_length_bins(r["length"] for r in rows))
+
     def length_of(row: Mapping[str, Any]) -> int:
-        return int(nearest_bin(row["length"], length_bins)) if length_bins else int(row["length"])
+        return int(nearest_bin(row["length"], bins))
 
     lengths = sorted({length_of(r) for r in rows})
-    distinct = sorted({round(float(r["depth"]), 6) for r in rows})
-    if depth_bins is None and len(distinct) <= _MAX_DISCRETE_DEPTHS:
-        depths = distinct
-        labels = [
-            f"{100 * d:.0f}%" if abs(100 * d - round(100 * d)) < 1e-6 else f"{100 * d:.1f}%" for d in depths
-        ]
+    grid_depths = auto_depth_values(r["depth"] for r in rows) if depth_bins is None else None
+    if grid_depths is not None:
+        depths = grid_depths
+        labels = [_percent(d) for d in depths]
 
         def depth_row(row: Mapping[str, Any]) -> int | None:
-            return depths.index(round(float(row["depth"]), 6))
+            return depths.index(nearest_bin(float(row["depth"]), depths))
     else:
         edges = depth_bin_edges(10 if depth_bins is None else depth_bins)
         depths = [(lo + hi) / 2 for lo, hi in zip(edges, edges[1:])]
@@ -121,6 +123,11 @@ def needle_grid(
     return NeedleGrid(
         lengths=lengths, depths=depths, depth_labels=labels, accuracy=accuracy, counts=counts, name=name
     )
+
+
+def _percent(depth: float) -> str:
+    pct = 100 * depth
+    return f"{pct:.0f}%" if abs(pct - round(pct)) < 1e-6 else f"{pct:.1f}%"
 
 
 def _format_length(length: float) -> str:
@@ -149,9 +156,9 @@ def plot_heatmap(grid: NeedleGrid, path: str | Path, title: str | None = None, a
 
     fig = _new_figure(max(4.0, 0.9 * len(grid.lengths) + 2.5), max(3.0, 0.4 * len(grid.depths) + 1.5))
     ax = fig.add_subplot(1, 1, 1)
-    cmap = LinearSegmentedColormap.from_list("niah", ["#d7191c", "#fdae61", "#ffffbf", "#a6d96a", "#1a9641"])
-    cmap.set_bad("#d9d9d9")
-    import numpy as np
+    cmap = LinearSegmentedColormap.from_list(
+        "niah", ["#d7191c", "#fdae61", "#ffffbf", "#a6d96a", "#1a9641"]
+    ).with_extremes(bad="#d9d9d9")  # empty cells are grey
 
     data = np.ma.masked_invalid(np.array(grid.accuracy, dtype=float))
     image = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")

@@ -15,7 +15,23 @@ import torch
 from .generation import StopRule, as_records, check_fields, generate_answers
 from .scoring import default_scorer_name, get_scorer
 
-__all__ = ["EvalResult", "evaluate_retrieval", "score_records", "depth_bin_edges", "depth_label"]
+__all__ = [
+    "EvalResult",
+    "evaluate_retrieval",
+    "score_records",
+    "depth_bin_edges",
+    "depth_label",
+    "auto_length_bins",
+    "auto_depth_values",
+]
+
+# Generators hit a requested length within +-3 % and measure the needle depth after snapping it to
+# a sentence boundary, so the stored ``length``/``depth`` scatter around the requested values.
+# Aggregates group them back: lengths within this relative spread form one group ...
+LENGTH_GROUP_TOLERANCE = 0.07
+# ... and sorted depths closer than this gap form one grid row (if every row stays narrow).
+DEPTH_GROUP_GAP = 0.025
+DEPTH_GROUP_MAX_SPAN = 0.08
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,6 +67,52 @@ def depth_label(lo: float, hi: float) -> str:
 def nearest_bin(value: float, bins: Sequence[float]) -> float:
     """The element of ``bins`` closest to ``value`` (ties go to the smaller one)."""
     return min(bins, key=lambda b: (abs(b - value), b))
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def auto_length_bins(lengths: Iterable[int], tolerance: float = LENGTH_GROUP_TOLERANCE) -> list[int]:
+    """Group measured lengths that lie within ``tolerance`` (relative) of their group's smallest value.
+
+    Returns one representative per group (the rounded median). Distinct requested lengths of a
+    generator (e.g. 4096 and 8192, each hit within +-3 %) come back as two groups; exact lengths
+    that differ by more than ``tolerance`` stay separate.
+    """
+    values = sorted(int(v) for v in lengths)
+    groups: list[list[int]] = []
+    for v in values:
+        if groups and v <= groups[-1][0] * (1 + tolerance):
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return [int(round(_median(g))) for g in groups]
+
+
+def auto_depth_values(
+    depths: Iterable[float], gap: float = DEPTH_GROUP_GAP, max_span: float = DEPTH_GROUP_MAX_SPAN
+) -> list[float] | None:
+    """The depth grid behind measured depths, or None when the depths are not on a grid.
+
+    Sorted depths closer than ``gap`` join one group; if every group spans at most ``max_span``
+    and there are at most 21 groups, the group medians (rounded to 3 decimals) are returned.
+    Uniformly random depths fail the test (their groups merge into wide runs) and return None.
+    """
+    values = sorted(float(d) for d in depths)
+    if not values:
+        return None
+    groups: list[list[float]] = [[values[0]]]
+    for v in values[1:]:
+        if v - groups[-1][-1] <= gap:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    if len(groups) > 21 or any(g[-1] - g[0] > max_span for g in groups):
+        return None
+    return [round(_median(g), 3) for g in groups]
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -90,6 +152,7 @@ class EvalResult:
     name: str = ""
     metric: str = "accuracy"
     meta: dict[str, Any] = field(default_factory=dict)
+    length_bins: list[int] | None = None
 
     # -- aggregates ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -119,17 +182,29 @@ class EvalResult:
                 groups.setdefault(k, []).append(row["score"])
         return groups
 
-    def accuracy_by_length(self, bins: Sequence[int] | None = None) -> dict[int, float]:
-        """Mean score per ``length``, sorted by length.
+    def resolve_length_bins(self, bins: Sequence[int] | None = None) -> list[int]:
+        """``bins``, else the result's ``length_bins``, else :func:`auto_length_bins` of the rows."""
+        if bins:
+            return [int(b) for b in bins]
+        if self.length_bins:
+            return list(self.length_bins)
+        return auto_length_bins(r["length"] for r in self.rows if r.get("length") is not None)
 
-        ``bins`` (e.g. the target lengths ``[4096, 8192, 16384]``) assigns every row to the nearest
-        bin; useful when ``length`` holds measured token counts that scatter around the targets.
+    def accuracy_by_length(self, bins: Sequence[int] | None = None) -> dict[int, float]:
+        """Mean score per length group, sorted by length.
+
+        Every row goes to the nearest of ``bins`` (e.g. the requested lengths
+        ``[4096, 8192, 16384]``); without bins the result's ``length_bins`` are used, and without
+        those the measured lengths are grouped automatically (:func:`auto_length_bins`), because
+        generated samples hit their requested length only within +-3 %.
         """
-        groups = self._grouped(lambda r: self._length_key(r, bins))
+        resolved = self.resolve_length_bins(bins)
+        groups = self._grouped(lambda r: self._length_key(r, resolved))
         return {k: _mean(groups[k]) for k in sorted(groups)}
 
     def counts_by_length(self, bins: Sequence[int] | None = None) -> dict[int, int]:
-        groups = self._grouped(lambda r: self._length_key(r, bins))
+        resolved = self.resolve_length_bins(bins)
+        groups = self._grouped(lambda r: self._length_key(r, resolved))
         return {k: len(groups[k]) for k in sorted(groups)}
 
     @staticmethod
@@ -179,7 +254,9 @@ class EvalResult:
 
     # -- output -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({"summary": self.summary(), "meta": self.meta, "rows": self.rows})
+        return _jsonable(
+            {"summary": self.summary(), "meta": self.meta, "length_bins": self.length_bins, "rows": self.rows}
+        )
 
     def to_json(self, path: str | Path) -> Path:
         """Write summary + meta + every row as indented JSON; returns the path."""
@@ -200,6 +277,7 @@ class EvalResult:
             name=summary.get("name", ""),
             metric=summary.get("metric", "accuracy"),
             meta=data.get("meta", {}),
+            length_bins=data.get("length_bins"),
         )
 
     def to_csv(self, path: str | Path) -> Path:
@@ -281,6 +359,7 @@ def evaluate_retrieval(
     scorer: str | Callable[[Mapping[str, Any], str], float | bool] = "auto",
     stop_rule: str | StopRule | None = "auto",
     name: str = "",
+    length_bins: Sequence[int] | None = None,
 ) -> EvalResult:
     """Generate an answer for every record and score it.
 
@@ -293,6 +372,8 @@ def evaluate_retrieval(
             ``(record, output) -> bool | float``.
         stop_rule: see :func:`generate_answers`.
         name: label stored in the result (used by tables and plots).
+        length_bins: the requested lengths (e.g. ``[4096, 8192]``); per-length aggregates put each
+            row in the nearest one. ``None`` groups the measured lengths automatically.
 
     Returns:
         :class:`EvalResult` with one row per record:
@@ -328,4 +409,10 @@ def evaluate_retrieval(
             }
         )
     meta = {"max_new_tokens": max_new_tokens, "scorer": scorer if isinstance(scorer, str) else "custom"}
-    return EvalResult(rows=rows, name=name, metric="accuracy", meta=meta)
+    return EvalResult(
+        rows=rows,
+        name=name,
+        metric="accuracy",
+        meta=meta,
+        length_bins=[int(b) for b in length_bins] if length_bins else None,
+    )
