@@ -30,10 +30,19 @@ class SealDataCollator:
 
     Metadata columns (``length``, ``depth``, ``answer`` ...) are dropped, so the Trainer can run with
     ``remove_unused_columns=False``. Padding is on the right; padded labels are -100.
+
+    ``trim_logits=True`` adds ``logits_to_keep`` to the batch: the model then computes vocabulary
+    logits only for the positions that predict supervised tokens (the answer is at the end of a SEAL
+    sample), which saves the LM head and the softmax over the whole prompt. It needs a loss that
+    understands trimmed logits: ``Trainer(..., compute_loss_func=seal_loss(model))``.
     """
 
     def __init__(
-        self, tokenizer: Any = None, pad_token_id: int | None = None, pad_to_multiple_of: int | None = None
+        self,
+        tokenizer: Any = None,
+        pad_token_id: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        trim_logits: bool = False,
     ):
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = (
@@ -41,6 +50,7 @@ class SealDataCollator:
             )
         self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.trim_logits = trim_logits
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
@@ -63,7 +73,13 @@ class SealDataCollator:
             ids[i, :n] = torch.as_tensor(f["input_ids"])
             labels[i, :n] = torch.as_tensor(f["labels"])
             mask[i, :n] = torch.as_tensor(f.get("attention_mask", [1] * n))
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if self.trim_logits:
+            supervised = (labels != -100).any(dim=0).nonzero()
+            first = int(supervised.min()) if len(supervised) else longest - 1
+            # position t predicts token t+1: keep logits from the position before the first label on
+            batch["logits_to_keep"] = max(longest - first + 1, 1)
+        return batch
 
 
 def seal_training_arguments(
@@ -121,17 +137,21 @@ def seal_scales(model: nn.Module) -> list[torch.Tensor]:
     return [p for n, p in model.named_parameters() if "seal_scale" in n and p.requires_grad]
 
 
-def scale_pull_loss(model: nn.Module, strength: float) -> Callable:
-    """A ``compute_loss_func`` for ``Trainer``: answer cross-entropy + ``strength * mean((s - 1)^2)``.
+def seal_loss(model: nn.Module, scale_pull: float = 0.0) -> Callable:
+    """A ``compute_loss_func`` for ``Trainer``: answer cross-entropy + ``scale_pull * mean((s - 1)^2)``.
 
-    Pulling the scales toward 1 (identity) limits how far SEAL moves the model away from the base
-    — a cheap guard for general ability (perplexity). ``strength=0`` is the plain answer loss.
+    Works with full or trimmed logits (``SealDataCollator(trim_logits=True)``). Pulling the scales
+    toward 1 (identity) limits how far SEAL moves the model away from the base — a cheap guard for
+    general ability (perplexity). ``scale_pull=0`` is the plain answer loss.
     """
+    strength = scale_pull
     if strength < 0:
-        raise ValueError(f"strength={strength} must be >= 0.")
+        raise ValueError(f"scale_pull={strength} must be >= 0.")
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        # logits may cover only the last positions (logits_to_keep): align labels with them
+        labels = labels[..., labels.shape[-1] - logits.shape[-2] :]
         shift_logits = logits[..., :-1, :].float()
         shift_labels = labels[..., 1:].to(logits.device)
         loss = nn.functional.cross_entropy(
@@ -150,6 +170,60 @@ def scale_pull_loss(model: nn.Module, strength: float) -> Callable:
         return loss
 
     return compute_loss
+
+
+def scale_pull_loss(model: nn.Module, strength: float) -> Callable:
+    """Alias of ``seal_loss(model, scale_pull=strength)``."""
+    return seal_loss(model, scale_pull=strength)
+
+
+def train_seal(
+    model: nn.Module,
+    tokenizer: Any,
+    train_dataset: Any,
+    output_dir: str,
+    *,
+    granularity: str = "head",
+    learning_rate: float | None = None,
+    num_train_epochs: float = 1.0,
+    scale_pull: float = 0.0,
+    gradient_accumulation_steps: int = 1,
+    gradient_checkpointing: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    **overrides: Any,
+):
+    """Train the SEAL scales of ``model`` (a ``PeftModel``) with the stock ``Trainer``; return it.
+
+    A thin convenience: ``seal_training_arguments`` + ``SealDataCollator(trim_logits=True)`` +
+    ``seal_loss(model, scale_pull)``. Equivalent to writing the three lines yourself (see
+    ``examples/train_line_retrieval.py``).
+    """
+    from transformers import Trainer
+
+    if len(train_dataset) == 0:
+        raise ValueError("train_seal: the training dataset is empty.")
+    args = seal_training_arguments(
+        output_dir,
+        granularity=granularity,
+        learning_rate=learning_rate,
+        num_train_epochs=num_train_epochs,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        gradient_checkpointing=gradient_checkpointing,
+        seed=seed,
+        disable_tqdm=not progress,
+        **overrides,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=SealDataCollator(tokenizer, trim_logits=True),
+        compute_loss_func=seal_loss(model, scale_pull=scale_pull),
+    )
+    trainer.train()
+    model.eval()
+    return trainer
 
 
 def mix_lm_samples(dataset, lm_samples, every: int = 5, seed: int = 0):

@@ -117,3 +117,41 @@ def test_trainer_with_recommended_args_lowers_answer_loss(tmp_path, granularity)
     assert after < before
     scales = torch.cat([s.detach() for s in seal_scales(model)])
     assert not torch.allclose(scales, torch.ones_like(scales))
+
+
+def test_trimmed_logits_give_the_same_loss_and_gradient():
+    from seal_peft.training import seal_loss
+
+    model = get_peft_model(make_model("llama"), SealConfig(init_weights=False))
+    rows = _rows(3)
+    full = SealDataCollator(pad_token_id=0)(rows)
+    trimmed = SealDataCollator(pad_token_id=0, trim_logits=True)(rows)
+    assert 1 < trimmed["logits_to_keep"] < full["input_ids"].shape[1]
+    loss_fn = seal_loss(model, scale_pull=0.5)
+    losses, grads = [], []
+    for batch in (full, trimmed):
+        batch = dict(batch)
+        labels = batch.pop("labels")
+        model.zero_grad()
+        out = model(**batch)
+        loss = loss_fn(out, labels)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([s.grad.flatten() for s in seal_scales(model)]))
+    assert out.logits.shape[1] == trimmed["logits_to_keep"]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_train_seal_convenience(tmp_path):
+    from seal_peft.training import train_seal
+
+    model = get_peft_model(make_model("qwen2"), SealConfig())
+    trainer = train_seal(
+        model, None, _rows(4) * 3, str(tmp_path), learning_rate=5e-2, progress=False, use_cpu=True
+    )
+    assert trainer.state.global_step == 12
+    scales = torch.cat([s.detach() for s in seal_scales(model)])
+    assert not torch.allclose(scales, torch.ones_like(scales))
+    with pytest.raises(ValueError, match="empty"):
+        train_seal(model, None, [], str(tmp_path))
