@@ -1,0 +1,135 @@
+"""Train one SEAL variant on generated line-retrieval data and evaluate it (or the base model).
+
+Prints and writes one JSON record: accuracy per evaluation length, held-out essay perplexity,
+training time. Used to make docs/results.md; every number there comes from a command like
+
+    python benchmarks/line_retrieval.py --granularity channel --lr 2e-2 --split test --out runs/c.json
+
+Settings are chosen on the ``dev`` split (eval seed 500) and reported on the ``test`` split (eval
+seed 1000); training data uses seed 0 and the evaluation sets exclude its keys and values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+EVAL_SEEDS = {"dev": 500, "test": 1000}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF id/path; default: embedded SmolLM2-135M-Instruct")
+    p.add_argument(
+        "--granularity", default="head", choices=["head", "channel", "none"], help="none = base model"
+    )
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--train-samples", type=int, default=50)
+    p.add_argument("--train-length", default="1024", help="comma-separated token lengths, cycled")
+    p.add_argument("--scale-pull", type=float, default=0.0)
+    p.add_argument("--lm-every", type=int, default=0, help="insert one essay LM sample after every N samples")
+    p.add_argument("--layers", default=None, help="comma-separated layer indices to adapt (default all)")
+    p.add_argument("--eval-lengths", default="512,1024,2048,4096")
+    p.add_argument("--eval-samples", type=int, default=40)
+    p.add_argument("--split", default="dev", choices=sorted(EVAL_SEEDS))
+    p.add_argument("--prompt-format", default="chat_prefill", choices=["chat", "chat_prefill", "plain"])
+    p.add_argument("--ppl-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--save-adapter", default=None)
+    args = p.parse_args(argv)
+
+    from peft import get_peft_model
+
+    import seal_peft
+    from seal_peft.data import heldout_text, line_retrieval
+    from seal_peft.evaluation import evaluate_retrieval, perplexity
+    from seal_peft.models import load_model
+    from seal_peft.training import lm_text_samples, mix_lm_samples, train_seal
+
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model)
+    eval_lengths = [int(x) for x in args.eval_lengths.split(",")]
+    train_lengths = [int(x) for x in args.train_length.split(",")]
+    record: dict = {"args": vars(args)}
+    train_ds = line_retrieval(
+        tok,
+        args.train_samples,
+        train_lengths,
+        prompt_format=args.prompt_format,
+        seed=args.seed,
+        progress=False,
+    )
+    eval_ds = line_retrieval(
+        tok,
+        args.eval_samples * len(eval_lengths),
+        eval_lengths,
+        prompt_format=args.prompt_format,
+        seed=EVAL_SEEDS[args.split],
+        exclude=train_ds,
+        progress=False,
+    )
+    if args.granularity != "none":
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+        model = get_peft_model(
+            model, seal_peft.SealConfig(granularity=args.granularity, layers_to_transform=layers)
+        )
+        data = train_ds
+        if args.lm_every:
+            from seal_peft.data import load_essays
+
+            lm = lm_text_samples(
+                tok,
+                load_essays("train"),
+                max(1, args.train_samples // args.lm_every),
+                train_lengths[0],
+                seed=args.seed,
+            )
+            data = mix_lm_samples(train_ds, lm, every=args.lm_every, seed=args.seed)
+        t0 = time.time()
+        train_seal(
+            model,
+            tok,
+            data,
+            "/tmp/seal_bench_run",
+            granularity=args.granularity,
+            learning_rate=args.lr,
+            num_train_epochs=args.epochs,
+            scale_pull=args.scale_pull,
+            seed=args.seed,
+            progress=False,
+            logging_steps=10,
+        )
+        record["train_seconds"] = round(time.time() - t0, 1)
+        scales = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "seal_scale" in n])
+        record["scales"] = {
+            "min": scales.min().item(),
+            "max": scales.max().item(),
+            "mean": scales.mean().item(),
+        }
+        if args.save_adapter:
+            model.save_pretrained(args.save_adapter)
+    t0 = time.time()
+    result = evaluate_retrieval(
+        model, tok, eval_ds, max_new_tokens=32, progress=False, length_bins=eval_lengths
+    )
+    record["eval_seconds"] = round(time.time() - t0, 1)
+    record["accuracy"] = {str(k): v for k, v in result.accuracy_by_length(eval_lengths).items()}
+    text = heldout_text(tok, args.ppl_tokens, seed=0)
+    record["ppl"] = perplexity(model, tok, text, max_length=args.ppl_tokens)
+    print(json.dumps(record), flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+    return record
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
