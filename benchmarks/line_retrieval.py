@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompt-format", default="chat_prefill", choices=["chat", "chat_prefill", "plain"])
     p.add_argument("--ppl-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="base model dtype (scales stay fp32)")
     p.add_argument("--out", default=None)
     p.add_argument("--save-adapter", default=None)
     args = p.parse_args(argv)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     from seal_peft.training import lm_text_samples, mix_lm_samples, train_seal
 
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     eval_lengths = [int(x) for x in args.eval_lengths.split(",")]
     train_lengths = [int(x) for x in args.train_length.split(",")]
     record: dict = {"args": vars(args)}

@@ -115,7 +115,29 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=None, help="HF model id or path (default: embedded SmolLM2-135M-Instruct)"
     )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="model weights dtype; SEAL scales always train in fp32. auto = bfloat16 where the hardware has "
+        "fast bf16 (CUDA, or a CPU with AVX512-BF16/AMX), else float32",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def resolve_dtype(name: str):
+    """``auto``: bf16 where it is fast (CUDA with bf16, CPUs whose oneDNN has bf16 kernels), else fp32."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # builds without oneDNN
+        fast = False
+    return torch.bfloat16 if fast else torch.float32
 
 
 def _dataset_from_args(args, tokenizer, exclude=None):
@@ -191,7 +213,7 @@ def train_variant(
 def cmd_train(args) -> int:
     from .models import load_model
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=resolve_dtype(args.dtype))
     ds = _dataset_from_args(args, tok)
     t0 = time.time()
     peft_model = train_variant(
@@ -217,11 +239,11 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_with_adapter(model_name, adapter, merge):
+def _load_with_adapter(model_name, adapter, merge, dtype="auto"):
     from .loading import from_pretrained
     from .models import load_model
 
-    model, tok = load_model(model_name)
+    model, tok = load_model(model_name, dtype=resolve_dtype(dtype))
     if adapter:
         model = from_pretrained(model, adapter)
         if merge:
@@ -251,7 +273,7 @@ def evaluate_model(model, tok, eval_ds, lengths, name, out_dir=None, ppl_tokens=
 def cmd_eval(args) -> int:
     from .evaluation import plot_accuracy_vs_length
 
-    model, tok = _load_with_adapter(args.model, args.adapter, args.merge)
+    model, tok = _load_with_adapter(args.model, args.adapter, args.merge, args.dtype)
     ds = _dataset_from_args(args, tok)
     name = args.name or ("base" if not args.adapter else os.path.basename(os.path.normpath(args.adapter)))
     s = evaluate_model(model, tok, ds, args.lengths, name, args.out, args.ppl_tokens, progress=not args.quiet)
@@ -264,10 +286,15 @@ def cmd_eval(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    import torch
+
     from .loading import from_pretrained
     from .models import load_model
 
-    model, tok = load_model(args.model)
+    # merge in full precision unless asked otherwise (the merged checkpoint is what gets deployed)
+    model, tok = load_model(
+        args.model, dtype=torch.float32 if args.dtype == "auto" else resolve_dtype(args.dtype)
+    )
     merged = from_pretrained(model, args.adapter).merge_and_unload(safe_merge=True)
     merged.save_pretrained(args.out)
     tok.save_pretrained(args.out)
@@ -275,6 +302,96 @@ def cmd_merge(args) -> int:
         f"merged model written to {args.out} (a plain transformers checkpoint; no seal_peft needed to load it)",
         args.quiet,
     )
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    """Head attribution (+ perturbation check, + learned scales of an adapter): records and plots."""
+    from . import analysis as an
+    from .models import load_model
+
+    progress = not args.quiet
+    os.makedirs(args.out, exist_ok=True)
+    model, tok = load_model(args.model)
+    ds = None
+    if args.attribution:
+        attr = an.HeadAttribution.from_json(args.attribution)
+        _log(f"[analyze] attribution read from {args.attribution}", args.quiet)
+    else:
+        ds = _dataset_from_args(args, tok)
+        meta = {
+            "model": args.model or "SmolLM2-135M-Instruct (embedded)",
+            "data": args.data or f"{args.task}, {len(ds)} samples, lengths {args.lengths}, seed {args.seed}",
+            "prompt_format": args.prompt_format,
+        }
+        attr = an.head_attribution(model, ds, tok, progress=progress, meta=meta)
+        _log(f"[analyze] attribution of {len(ds)} samples took {attr.seconds:.1f} s", args.quiet)
+    scales = an.learned_head_scales(model, args.adapter) if args.adapter else None
+    summary: dict[str, Any] = {
+        "attribution_seconds": round(attr.seconds, 1),
+        "num_samples": attr.num_samples,
+        "base_accuracy_teacher_forced": attr.accuracy,
+        "base_answer_nll": float(attr.loss.mean()),
+        "top_positive": [
+            {"layer": layer, "head": h, "attribution": v}
+            for layer, h, v in attr.ranked("positive")[: args.top]
+        ],
+        "top_negative": [
+            {"layer": layer, "head": h, "attribution": v}
+            for layer, h, v in attr.ranked("negative")[: args.top]
+        ],
+    }
+    attr.to_json(os.path.join(args.out, "attribution.json"), scales)
+    attr.to_csv(os.path.join(args.out, "heads.csv"), scales)
+    an.plot_attribution(attr, os.path.join(args.out, "attribution.png"))
+    if scales is not None:
+        an.plot_scales(scales, os.path.join(args.out, "scales.png"))
+        an.plot_scale_vs_attribution(attr, scales, os.path.join(args.out, "scale_vs_attribution.png"))
+        summary["adapter"] = args.adapter
+        summary["scale_correlation"] = an.scale_correlation(attr, scales)
+    if args.perturb_top > 0:
+        if ds is None:
+            ds = _dataset_from_args(args, tok)
+        res = an.top_vs_random(
+            model,
+            ds,
+            attr,
+            k=args.perturb_top,
+            draws=args.random_draws,
+            value=args.perturb_value,
+            tokenizer=tok,
+            seed=args.seed,
+            single_heads=args.check_heads,
+            progress=progress,
+        )
+        res.to_json(os.path.join(args.out, "perturbation.json"))
+        res.to_csv(os.path.join(args.out, "perturbation.csv"))
+        summary["perturbation"] = {"seconds": round(res.seconds, 1), "conditions": res.rows()}
+        if args.check_heads:
+            summary["agreement"] = an.attribution_agreement(attr, res)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+    def heads(rows):
+        return ", ".join(f"L{r['layer']}.H{r['head']} {r['attribution']:+.3f}" for r in rows)
+
+    print(
+        f"head attribution: {attr.num_samples} samples, {attr.seconds:.0f} s; teacher-forced accuracy "
+        f"{attr.accuracy:.2f}"
+    )
+    print(f"top positive: {heads(summary['top_positive'])}")
+    print(f"top negative: {heads(summary['top_negative'])}")
+    if "scale_correlation" in summary:
+        c = summary["scale_correlation"]
+        print(
+            f"learned {c['granularity']} scales vs attribution: Spearman {c['spearman']:+.2f}, "
+            f"sign agreement {c['sign_agreement']:.2f} ({c['heads_moved']} heads moved)"
+        )
+    if "perturbation" in summary:
+        print(res.table())
+    if "agreement" in summary:
+        print(f"attribution vs exact single-head effect: Spearman {summary['agreement']['spearman']:+.2f}")
+    print(f"records and plots: {args.out}")
     return 0
 
 
@@ -297,13 +414,19 @@ def cmd_demo(args) -> int:
     import torch
 
     from .evaluation import plot_accuracy_vs_length
+    from .loading import from_pretrained
     from .models import load_model
 
     t_start = time.time()
     progress = not args.quiet
+    dtype = resolve_dtype(args.dtype)
     os.makedirs(args.out, exist_ok=True)
-    model, tok = load_model(args.model)
-    _log(f"[demo] model: {args.model or 'embedded SmolLM2-135M-Instruct'}; output: {args.out}", args.quiet)
+    model, tok = load_model(args.model, dtype=dtype)
+    _log(
+        f"[demo] model: {args.model or 'embedded SmolLM2-135M-Instruct'} ({str(dtype).replace('torch.', '')}); "
+        f"output: {args.out}",
+        args.quiet,
+    )
     train_ds = _generate(
         tok,
         "line",
@@ -344,10 +467,11 @@ def cmd_demo(args) -> int:
             progress,
         )
     )
+    del model
     checks = {}
     for granularity in args.granularities:
         label = f"SEAL-{granularity[0].upper()}"
-        base, _ = load_model(args.model)
+        base, _ = load_model(args.model, dtype=dtype)
         t0 = time.time()
         _log(f"[demo] training {label} ({RECIPES[granularity]}) ...", args.quiet)
         peft_model = train_variant(
@@ -378,27 +502,31 @@ def cmd_demo(args) -> int:
         )
         s["train_seconds"] = train_s
         summaries.append(s)
-        # merged == unmerged on a real evaluation prompt
+        del peft_model, base
+        # merged == unmerged, checked in fp32 on a real evaluation prompt with the saved adapter
+        fp32, _ = load_model(args.model, dtype=torch.float32)
+        reloaded = from_pretrained(fp32, adapter_dir)
         ids = torch.tensor([eval_ds[0]["input_ids"][: eval_ds[0]["prompt_length"]]])
         with torch.no_grad():
-            unmerged = peft_model(input_ids=ids).logits
-            merged_model = peft_model.merge_and_unload(safe_merge=True)
-            merged = merged_model(input_ids=ids).logits
+            unmerged = reloaded(input_ids=ids, logits_to_keep=16).logits
+            merged_model = reloaded.merge_and_unload(safe_merge=True)
+            merged = merged_model(input_ids=ids, logits_to_keep=16).logits
         diff = (merged - unmerged).abs().max().item()
         checks[label] = diff
-        _log(f"[demo] {label}: merged vs unmerged max |logit diff| = {diff:.2e}", args.quiet)
+        _log(f"[demo] {label}: merged vs unmerged (fp32) max |logit diff| = {diff:.2e}", args.quiet)
         if granularity == args.granularities[-1]:
             merged_dir = os.path.join(args.out, f"merged-{granularity}")
             merged_model.save_pretrained(merged_dir)
             tok.save_pretrained(merged_dir)
             _log(f"[demo] merged {label} model saved to {merged_dir}", args.quiet)
-        del peft_model, merged_model, base
+        del merged_model, reloaded, fp32
     plot = os.path.join(args.out, "accuracy_vs_length.png")
     plot_accuracy_vs_length({s["name"]: s["result"] for s in summaries}, plot, title="Line retrieval")
     table = _table(summaries, args.lengths)
     report = {
         "lengths": args.lengths,
         "prompt_format": args.prompt_format,
+        "dtype": str(dtype),
         "variants": [{k: v for k, v in s.items() if k != "result"} for s in summaries],
         "merged_vs_unmerged_max_abs_logit_diff": checks,
         "seconds": round(time.time() - t_start, 1),
@@ -496,6 +624,37 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="SEAL adapter folder")
     m.add_argument("--out", required=True, help="output folder for the merged model + tokenizer")
     m.set_defaults(func=cmd_merge)
+
+    a = sub.add_parser(
+        "analyze", help="per-head retrieval attribution, perturbation check, learned scales: records + plots"
+    )
+    _model_args(a)
+    _data_args(a, samples=20, lengths="1024", seed=2000)
+    a.add_argument("--adapter", default=None, help="a SEAL adapter folder whose learned scales to compare")
+    a.add_argument(
+        "--attribution",
+        default=None,
+        help="reuse an attribution.json of an earlier run instead of computing it",
+    )
+    a.add_argument("--top", type=int, default=10, help="heads listed per direction (default 10)")
+    a.add_argument(
+        "--perturb-top",
+        type=int,
+        default=5,
+        help="perturb the top-k positive/negative heads as groups (0 = skip)",
+    )
+    a.add_argument(
+        "--random-draws", type=int, default=3, help="groups of k random heads to compare (default 3)"
+    )
+    a.add_argument("--perturb-value", type=float, default=0.0, help="scale of perturbed heads (default 0)")
+    a.add_argument(
+        "--check-heads",
+        type=int,
+        default=0,
+        help="also perturb this many single heads; Spearman vs attribution",
+    )
+    a.add_argument("--out", required=True, help="output folder")
+    a.set_defaults(func=cmd_analyze)
     return p
 
 
