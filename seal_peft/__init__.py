@@ -13,7 +13,7 @@ ensure_registered()
 
 from .config import TARGET_MODULES_MAPPING, SealConfig  # noqa: E402
 from .layer import SealLayer  # noqa: E402
-from .loading import from_pretrained  # noqa: E402
+from .loading import check_adapter_dir, from_pretrained, save_adapter  # noqa: E402
 from .model import SealModel  # noqa: E402
 
 __version__ = "0.1.0"
@@ -24,6 +24,8 @@ __all__ = [
     "SealModel",
     "TARGET_MODULES_MAPPING",
     "from_pretrained",
+    "save_adapter",
+    "check_adapter_dir",
     "ensure_registered",
     "__version__",
 ]

@@ -93,10 +93,75 @@ class SealLayer(BaseTunerLayer):
             vector = v if vector is None else vector * v
         return vector
 
+    def scale_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (last dimension ``in_features``) multiplied by the active adapters' channel scales.
+
+        The hot path of the unmerged forward, kept to a handful of kernel launches (this matters for
+        per-token decoding, where the activation is one row): a single active adapter is applied
+        without building the ``in_features``-long vector: SEAL-H broadcasts its ``[heads, 1]`` view
+        over the input viewed as ``[..., heads, head_dim]`` (no ``repeat_interleave`` allocation).
+        The product is taken in the activation dtype (a bf16 model is not up-cast to fp32); the
+        gradient still reaches the fp32 scale through the cast. Autograd keeps only ``x`` (needed for
+        the scale gradient) and the small cast scale (needed for the input gradient).
+        """
+        names = [n for n in self.active_adapters if n in self.seal_scale]
+        if not names:
+            return x
+        if len(names) > 1:  # several active adapters: one pass over x with the product of their scales
+            vector = self._active_channel_scale()
+            return x * vector.to(x.dtype)
+        name = names[0]
+        scale = self.seal_scale[name]
+        if scale.dtype != x.dtype:
+            scale = scale.to(x.dtype)
+        group = self.seal_group[name]
+        if group == 1:
+            return x * scale
+        return (x.unflatten(-1, (-1, group)) * scale.unsqueeze(-1)).flatten(-2)
+
     # ------------------------------------------------------------------ merge / unmerge
     def _weight_view_scale(self, vector: torch.Tensor) -> torch.Tensor:
         # nn.Linear weight is [out, in]: scale columns; Conv1D weight is [in, out]: scale rows.
         return vector[:, None] if self.is_conv1d else vector[None, :]
+
+    def _merge_vector(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return self.channel_scale(name).detach().to(device=weight.device, dtype=torch.float32)
+
+    def _merged(self, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        return (weight.float() * self._weight_view_scale(vector)).to(weight.dtype)
+
+    def _check_mergeable(self, weight: torch.Tensor) -> None:
+        if not weight.dtype.is_floating_point:
+            raise TypeError(
+                f"Cannot merge SEAL scales into a {weight.dtype} (quantized) weight of "
+                f"{type(self.get_base_layer()).__name__}; dequantize the model first (load it in "
+                f"bf16/fp16/fp32) or keep the adapter unmerged (the scales then act on the activations, "
+                f"which works on quantized layers)."
+            )
+
+    def check_merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Raise the error :meth:`merge` would raise, without changing anything.
+
+        ``SealModel`` calls this on every layer before merging any of them, so a merge that fails in
+        one layer never leaves the others merged (or, with ``merge_and_unload``, merged and unloaded).
+        """
+        if isinstance(adapter_names, str):
+            return  # merge() raises PEFT's TypeError for this
+        names = self.active_adapters if adapter_names is None else adapter_names
+        names = [n for n in names if n in self.seal_scale and n not in self.merged_adapters]
+        if not names:
+            return
+        weight = self.get_base_layer().weight
+        self._check_mergeable(weight)
+        if not safe_merge:
+            return
+        merged = weight.data
+        for name in names:
+            merged = self._merged(merged, self._merge_vector(name, weight))
+            if not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken"
+                )
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the scales of the given (default: active) adapters into the base weight.
@@ -111,23 +176,30 @@ class SealLayer(BaseTunerLayer):
             return
         base = self.get_base_layer()
         weight = base.weight
-        if not weight.dtype.is_floating_point:
-            raise TypeError(
-                f"Cannot merge SEAL scales into a {weight.dtype} (quantized) weight; dequantize the model "
-                f"first or keep the adapter unmerged."
-            )
+        self._check_mergeable(weight)
         for name in adapter_names:
             if name not in self.seal_scale:
                 continue
-            vector = self.channel_scale(name).detach().to(device=weight.device, dtype=torch.float32)
-            small = (vector.abs() < UNMERGE_EPS) | ~torch.isfinite(vector)
-            idx = small.nonzero().flatten()
-            kept = (weight.data[idx] if self.is_conv1d else weight.data[:, idx]).clone()
-            merged = (weight.data.float() * self._weight_view_scale(vector)).to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
+            vector = self._merge_vector(name, weight)
+            merged = self._merged(weight.data, vector)
+            finite = torch.isfinite(merged)
+            if safe_merge and not finite.all():
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {name} seems to be broken"
                 )
+            # Channels that division cannot restore: tiny/non-finite scales, and channels whose merged
+            # values overflowed (e.g. large scales on fp16 weights). Their original values are kept.
+            small = (vector.abs() < UNMERGE_EPS) | ~torch.isfinite(vector)
+            if not finite.all():
+                small |= ~finite.all(dim=1 if self.is_conv1d else 0)
+                warnings.warn(
+                    f"Merging SEAL adapter {name!r} produced non-finite weights (overflow in "
+                    f"{weight.dtype}?); the model will output inf/NaN. unmerge_adapter() restores the "
+                    f"original weights; use safe_merge=True to refuse such merges.",
+                    stacklevel=2,
+                )
+            idx = small.nonzero().flatten()
+            kept = (weight.data[idx] if self.is_conv1d else weight.data[:, idx]).clone()
             weight.data = merged
             self._seal_merge_state[name] = (vector, idx, kept)
             self.merged_adapters.append(name)
@@ -152,6 +224,11 @@ class SealLayer(BaseTunerLayer):
             else:
                 restored[:, idx] = kept
             weight.data = restored
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` from every per-adapter container (scales, group sizes, merge state)."""
+        super().delete_adapter(adapter_name)
+        self._seal_merge_state.pop(adapter_name, None)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The multiplicative factor a merge applies to the weight (broadcastable to its shape)."""
@@ -182,12 +259,7 @@ class Linear(nn.Module, SealLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        vector = self._active_channel_scale()
-        if vector is not None:
-            # Multiply in the activation dtype: no up-cast of the (large) activation; the gradient
-            # still flows to the fp32 scale through the cast.
-            x = x * vector.to(x.dtype)
-        return self.base_layer(x, *args, **kwargs)
+        return self.base_layer(self.scale_input(x), *args, **kwargs)
 
     def __repr__(self) -> str:
         return "seal." + super().__repr__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -68,6 +69,78 @@ class SealModel(BaseTuner):
     tuner_layer_cls = SealLayer
     target_module_mapping = TARGET_MODULES_MAPPING
 
+    # ------------------------------------------------------------------ all-or-nothing merges
+    def _check_merge_all(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, SealLayer):
+                module.check_merge(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's ``merge_adapter``, but a merge that fails in one layer changes no layer."""
+        self._check_merge_allowed()
+        self._check_merge_all(adapter_names, safe_merge)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        # PEFT merges and unloads layer by layer: without this check a safe_merge failure in layer k would
+        # leave layers 0..k-1 merged *and* unwrapped, i.e. the adapter irrecoverably half-applied.
+        if merge:
+            self._check_merge_allowed()
+            self._check_merge_all(adapter_names, safe_merge)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    # ------------------------------------------------------------------ enable / disable
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        # PEFT re-enables adapters through set_adapter(), which makes their scales trainable again: after
+        # `with model.disable_adapter():` an adapter loaded for inference would silently become trainable.
+        # Remember requires_grad when disabling and put it back when enabling.
+        saved = getattr(self, "_seal_requires_grad", None)
+        if not enabled and saved is None:
+            self._seal_requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        super()._enable_adapter_layers(enabled)
+        if enabled and saved is not None:
+            self._seal_requires_grad = None
+            for name, param in self.model.named_parameters():
+                if name in saved:
+                    param.requires_grad_(saved[name])
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        self._seal_requires_grad = None  # an explicit switch decides trainability from now on
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # PEFT's save drops every key containing ".<other adapter name>." when it writes one adapter, so an
+        # adapter named like a module of the model ("o_proj", "layers", ...) would make the *other* adapters
+        # save as empty files. Refuse such names up front.
+        others = set(getattr(self, "peft_config", {})) - {adapter_name}
+        parts = {p for key in model.state_dict() for p in key.split(".")} - others
+        parts |= {"seal_scale", "base_layer", "modules_to_save", "original_module"}  # added by PEFT/SEAL
+        if adapter_name in parts:
+            raise ValueError(
+                f"Adapter name {adapter_name!r} is also a module/parameter name inside the model; PEFT would then "
+                f"save other adapters' weights incompletely. Choose another adapter name (e.g. 'seal_{adapter_name}')."
+            )
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        # PEFT drops `adapter_names` silently for methods without mixed-adapter batches; refuse it instead
+        # of applying the active adapter to every sample.
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "SEAL does not support mixed-adapter batches (adapter_names=...): every sample uses the active "
+                "adapter(s). Run one batch per adapter after model.set_adapter(name)."
+            )
+        yield
+
     def _prepare_adapter_config(self, peft_config: SealConfig, model_config: dict) -> SealConfig:
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
@@ -132,10 +205,26 @@ class SealModel(BaseTuner):
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         suffix = f".seal_scale.{adapter_name}"
-        own = {k: v for k, v in model.state_dict().items() if k.endswith(suffix)}
+        model_state = model.state_dict()
+        own = {k: v for k, v in model_state.items() if k.endswith(suffix)}
         loaded = {k: v for k, v in remapped.items() if ".seal_scale" in k}
         base = getattr(config, "base_model_name_or_path", None)
         hint = f" It was saved for base model {base!r}." if base else ""
+        # Anything else must land in this adapter's modules_to_save copies. A key that maps onto a base
+        # weight (e.g. 'lm_head.weight' when adapter_config.json lost its modules_to_save) would make
+        # PEFT overwrite the base model itself.
+        stray = sorted(
+            k
+            for k in remapped
+            if ".seal_scale" not in k and not (f".modules_to_save.{adapter_name}." in k and k in model_state)
+        )
+        if stray:
+            raise ValueError(
+                f"This SEAL adapter file holds {len(stray)} weight(s) that are neither SEAL scales nor "
+                f"modules_to_save copies of its config (e.g. {stray[0]!r}); loading would overwrite base model "
+                f"weights. adapter_config.json does not match adapter_model.safetensors (is `modules_to_save` "
+                f"missing from the config?). Restore the config saved with these weights."
+            )
         unknown = sorted(set(loaded) - set(own))
         if unknown:
             raise ValueError(

@@ -13,7 +13,9 @@ given at generation time and that the label tokens decode to ``target``.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -210,9 +212,44 @@ def model_max_length(tokenizer: Any) -> int | None:
     return None
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def model_position_limit(tokenizer: Any) -> tuple[int, str] | None:
+    """``(context window, source)`` of the model when the tokenizer was loaded from a local model folder
+    whose ``config.json`` declares a fixed window; ``None`` when unknown.
+
+    A config with RoPE scaling is treated as unknown: such a model is meant to run past its nominal
+    ``max_position_embeddings`` (and context extension applied at load time is not in the file anyway).
+    """
+    folder = getattr(tokenizer, "name_or_path", None)
+    if not isinstance(folder, str) or not folder or not os.path.isdir(folder):
+        return None
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if isinstance(config.get("text_config"), dict):  # multimodal checkpoints
+        config = config["text_config"]
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key)
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
+            return None
+    for key in POSITION_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, f"{key}={value} in {path}"
+    return None
+
+
 def check_lengths(tokenizer: Any, length: Any) -> list[int]:
     lengths = as_cycle(length, "length", int)
     limit = model_max_length(tokenizer)
+    position = model_position_limit(tokenizer)
     for n in lengths:
         if n < 1:
             raise ValueError(f"length must be a positive number of tokens, got {n}.")
@@ -220,6 +257,14 @@ def check_lengths(tokenizer: Any, length: Any) -> list[int]:
             raise ValueError(
                 f"length={n} tokens is longer than tokenizer.model_max_length={limit}. Use a shorter length, "
                 "or raise tokenizer.model_max_length if the model's context was extended (e.g. RoPE scaling)."
+            )
+        # The model's own window, unless the tokenizer was explicitly given a larger limit (the user's
+        # statement that the context was extended).
+        if position is not None and n > position[0] and (limit is None or limit <= position[0]):
+            raise ValueError(
+                f"length={n} tokens is longer than the model's context window ({position[1]}). Use a shorter "
+                f"length, or, if you extend the context (RoPE scaling, Self-Extend), set "
+                f"tokenizer.model_max_length = {n} (or more) to confirm."
             )
     return lengths
 
