@@ -85,8 +85,11 @@ def _line_task() -> _Task:
         question=lambda key: (
             f"\nNow the record is over. Tell me what is the <REGISTER_CONTENT> in line {key}? I need the number."
         ),
-        lead=lambda key: f"The <REGISTER_CONTENT> in line {key} is",
-        rest=lambda value: f" {value}.",
+        # The reply copies the record's own "<value>" form, so with chat_prefill (lead in the prompt,
+        # ending in "is <") the model continues exactly as in the record: "40779>." — the setting the
+        # project's baseline numbers were measured in.
+        lead=lambda key: f"The <REGISTER_CONTENT> in line {key} is <",
+        rest=lambda value: f"{value}>.",
     )
 
 

@@ -58,13 +58,13 @@ def test_line_retrieval_lengths_and_labels(smol_tokenizer, fmt, length):
         assert prompt.count(f"line {key}:") == 1  # keys are unique within a sample
         assert f"Tell me what is the <REGISTER_CONTENT> in line {key}? I need the number." in prompt
         if fmt == "chat":
-            assert row["target"] == f"The <REGISTER_CONTENT> in line {key} is {value}.<|im_end|>"
+            assert row["target"] == f"The <REGISTER_CONTENT> in line {key} is <{value}>.<|im_end|>"
             assert prompt.endswith("<|im_start|>assistant\n")
         elif fmt == "chat_prefill":
-            assert row["target"] == f" {value}.<|im_end|>"
-            assert prompt.endswith(f"<|im_start|>assistant\nThe <REGISTER_CONTENT> in line {key} is")
+            assert row["target"] == f"{value}>.<|im_end|>"
+            assert prompt.endswith(f"<|im_start|>assistant\nThe <REGISTER_CONTENT> in line {key} is <")
         else:
-            assert row["target"] == f" The <REGISTER_CONTENT> in line {key} is {value}.<|im_end|>"
+            assert row["target"] == f" The <REGISTER_CONTENT> in line {key} is <{value}>.<|im_end|>"
             assert prompt.endswith("I need the number.\nAnswer:") and "<|im_start|>" not in prompt
 
 
@@ -215,7 +215,7 @@ def test_plain_format_with_bos_tokenizer(char_tokenizer):
         assert row["input_ids"][0] == bos and row["input_ids"].count(bos) == 1
         assert row["input_ids"][-1] == eos and row["labels"][-1] == eos
         check_row(char_tokenizer, row, 1500)
-        assert row["target"] == f" The <REGISTER_CONTENT> in line {row['key']} is {row['answer']}.</s>"
+        assert row["target"] == f" The <REGISTER_CONTENT> in line {row['key']} is <{row['answer']}>.</s>"
 
 
 def test_system_prompt(smol_tokenizer):

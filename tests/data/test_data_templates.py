@@ -136,7 +136,7 @@ def test_other_chat_templates(smol_copy, template, end, fmt):
     ds = line_retrieval(smol_copy, num_samples=2, length=500, prompt_format=fmt, seed=0, progress=False)
     for row in ds:
         check_row(smol_copy, row, 500)
-        assert row["target"].endswith(f"{row['answer']}.{end}")
+        assert row["target"].endswith(f"{row['answer']}>.{end}")
         assert labelled(row)[-1] == row["input_ids"][len(labelled(row)) + row["prompt_length"] - 1]
     if template is THINKING:
         prompt = smol_copy.decode(ds[0]["input_ids"][: ds[0]["prompt_length"]])
