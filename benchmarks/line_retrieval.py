@@ -41,7 +41,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompt-format", default="chat_prefill", choices=["chat", "chat_prefill", "plain"])
     p.add_argument("--ppl-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="base model dtype (scales stay fp32)")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="base model dtype (scales stay fp32)",
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--save-adapter", default=None)
     args = p.parse_args(argv)

@@ -307,12 +307,17 @@ def cmd_merge(args) -> int:
 
 def cmd_analyze(args) -> int:
     """Head attribution (+ perturbation check, + learned scales of an adapter): records and plots."""
+    import torch
+
     from . import analysis as an
     from .models import load_model
 
     progress = not args.quiet
     os.makedirs(args.out, exist_ok=True)
-    model, tok = load_model(args.model)
+    # gradients and small log-likelihood differences: full precision unless asked otherwise
+    model, tok = load_model(
+        args.model, dtype=torch.float32 if args.dtype == "auto" else resolve_dtype(args.dtype)
+    )
     ds = None
     if args.attribution:
         attr = an.HeadAttribution.from_json(args.attribution)
@@ -349,7 +354,7 @@ def cmd_analyze(args) -> int:
         an.plot_scale_vs_attribution(attr, scales, os.path.join(args.out, "scale_vs_attribution.png"))
         summary["adapter"] = args.adapter
         summary["scale_correlation"] = an.scale_correlation(attr, scales)
-    if args.perturb_top > 0:
+    if args.perturb_top > 0 or args.check_heads > 0:
         if ds is None:
             ds = _dataset_from_args(args, tok)
         res = an.top_vs_random(

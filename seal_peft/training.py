@@ -138,7 +138,7 @@ def seal_scales(model: nn.Module) -> list[torch.Tensor]:
 
 
 def seal_loss(model: nn.Module, scale_pull: float = 0.0) -> Callable:
-    """A ``compute_loss_func`` for ``Trainer``: answer cross-entropy + ``scale_pull * mean((s - 1)^2)``.
+    """A ``compute_loss_func`` for ``Trainer``: answer cross-entropy + ``scale_pull * sum((s - 1)^2)``.
 
     Works with full or trimmed logits (``SealDataCollator(trim_logits=True)``). Pulling the scales
     toward 1 (identity) limits how far SEAL moves the model away from the base — a cheap guard for
@@ -165,7 +165,7 @@ def seal_loss(model: nn.Module, scale_pull: float = 0.0) -> Callable:
         if strength > 0:
             scales = seal_scales(model)
             if scales:
-                penalty = torch.cat([(s.float() - 1).pow(2).flatten() for s in scales]).mean()
+                penalty = torch.cat([(s.float() - 1).pow(2).flatten() for s in scales]).sum()
                 loss = loss + strength * penalty.to(loss.device)
         return loss
 

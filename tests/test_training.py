@@ -68,7 +68,7 @@ def test_scale_pull_loss_is_ce_plus_penalty():
     plain = scale_pull_loss(model, 0.0)(out, batch["labels"])
     torch.testing.assert_close(plain, out.loss, atol=1e-5, rtol=1e-5)
     pulled = scale_pull_loss(model, 2.0)(out, batch["labels"])
-    penalty = torch.cat([(s - 1).pow(2) for s in seal_scales(model)]).mean()
+    penalty = torch.cat([(s - 1).pow(2) for s in seal_scales(model)]).sum()
     torch.testing.assert_close(pulled, out.loss + 2.0 * penalty, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
         scale_pull_loss(model, -1.0)
