@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--out", default=None)
     p.add_argument("--save-adapter", default=None)
+    p.add_argument("--adapter", default=None, help="evaluate this saved adapter instead of training one")
     args = p.parse_args(argv)
 
     from peft import get_peft_model
@@ -81,7 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
         exclude=train_ds,
         progress=False,
     )
-    if args.granularity != "none":
+    if args.adapter:
+        model = seal_peft.from_pretrained(model, args.adapter)
+        record["adapter"] = args.adapter
+    elif args.granularity != "none":
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
         model = get_peft_model(
             model, seal_peft.SealConfig(granularity=args.granularity, layers_to_transform=layers)
