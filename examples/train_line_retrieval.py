@@ -3,6 +3,12 @@
     python examples/train_line_retrieval.py                       # embedded SmolLM2-135M, SEAL-H
     python examples/train_line_retrieval.py --granularity channel --model path/or/hub-id
 
+Multi-process (DDP) training runs the same script unchanged through accelerate; the Trainer
+picks up the process group, and only the main process saves, evaluates and merges:
+
+    accelerate launch --num_processes 2 --cpu examples/train_line_retrieval.py      # CPU, gloo
+    accelerate launch --config_file configs/accelerate/ddp.yaml examples/train_line_retrieval.py
+
 Everything here is plain transformers + peft; seal_peft only provides the method, the data and the
 collator/arguments. Copy it and change the data generator to your task's format.
 """
@@ -24,51 +30,76 @@ parser.add_argument("--model", default=None, help="HF id/path (default: embedded
 parser.add_argument("--granularity", default="head", choices=["head", "channel"])
 parser.add_argument("--train-samples", type=int, default=50)
 parser.add_argument("--length", type=int, default=1024, help="training sample length in tokens")
+parser.add_argument("--prompt-format", default="chat_prefill", help="'plain' for base models without a chat template")
+parser.add_argument("--batch-size", type=int, default=1, help="per device (per process)")
+parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+parser.add_argument("--gradient-checkpointing", action="store_true", help="for long sequences")
+parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--eval-lengths", default="512,1024,2048")
-parser.add_argument("--eval-samples", type=int, default=20)
+parser.add_argument("--eval-samples", type=int, default=20, help="per length; 0 skips the evaluation")
+parser.add_argument("--no-merge", action="store_true", help="do not write the merged model")
+parser.add_argument("--save-rank-scales", action="store_true", help="write every rank's scales (DDP check)")
 parser.add_argument("--out", default="runs/example")
 args = parser.parse_args()
 
 model, tokenizer = load_model(args.model)
 model = get_peft_model(model, seal_peft.SealConfig(granularity=args.granularity))
-model.print_trainable_parameters()
 
 # ~50 samples whose format matches the task and whose content is random (the paper's recipe)
 train = line_retrieval(
-    tokenizer, num_samples=args.train_samples, length=args.length, prompt_format="chat_prefill", seed=0
-)
-lengths = [int(x) for x in args.eval_lengths.split(",")]
-evals = line_retrieval(
-    tokenizer,
-    num_samples=args.eval_samples * len(lengths),
-    length=lengths,
-    prompt_format="chat_prefill",
-    seed=1000,
-    exclude=train,
+    tokenizer, num_samples=args.train_samples, length=args.length, prompt_format=args.prompt_format,
+    seed=args.seed, progress=False,
 )
 
 trainer = Trainer(
     model=model,
-    args=seal_training_arguments(
-        f"{args.out}/trainer", granularity=args.granularity
-    ),  # AdamW, constant lr, 1 epoch
+    args=seal_training_arguments(  # AdamW, constant lr, 1 epoch
+        f"{args.out}/trainer",
+        granularity=args.granularity,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+    ),
     train_dataset=train,
     data_collator=SealDataCollator(tokenizer, trim_logits=True),  # logits only where the answer is
     compute_loss_func=seal_loss(model),  # answer-only cross-entropy
 )
+if trainer.is_world_process_zero():
+    model.print_trainable_parameters()
 trainer.train()
-model.save_pretrained(f"{args.out}/adapter")
+if args.save_rank_scales:  # to check that DDP kept the ranks in sync
+    scales = {n: p.detach().cpu() for n, p in model.named_parameters() if "seal_scale" in n}
+    torch.save(scales, f"{args.out}/scales-rank{trainer.args.process_index}.pt")
+# every rank calls save_model (FSDP / DeepSpeed ZeRO-3 gather the sharded scales there); the main
+# process writes the adapter folder. Evaluation and merging then run once, on the main process; with
+# FSDP / ZeRO-3 pass --eval-samples 0 --no-merge and use `seal-peft eval/merge` on the saved adapter.
+trainer.save_model(f"{args.out}/adapter")
+if not trainer.is_world_process_zero():
+    raise SystemExit(0)
 
-result = evaluate_retrieval(
-    model.eval(), tokenizer, evals, max_new_tokens=32, length_bins=lengths, name="SEAL"
-)
-print(result.table())
+if args.eval_samples > 0:
+    lengths = [int(x) for x in args.eval_lengths.split(",")]
+    evals = line_retrieval(
+        tokenizer,
+        num_samples=args.eval_samples * len(lengths),
+        length=lengths,
+        prompt_format=args.prompt_format,
+        seed=1000,
+        exclude=train,
+    )
+    result = evaluate_retrieval(
+        model.eval(), tokenizer, evals, max_new_tokens=32, length_bins=lengths, name="SEAL"
+    )
+    print(result.table())
 
-# fold the scales into o_proj: a plain transformers model with no extra cost at inference
-ids = torch.tensor([evals[0]["input_ids"][: evals[0]["prompt_length"]]])
-with torch.no_grad():
-    before = model(input_ids=ids).logits
-    merged = model.merge_and_unload(safe_merge=True)
-    print("merged vs unmerged max |diff|:", (merged(input_ids=ids).logits - before).abs().max().item())
-merged.save_pretrained(f"{args.out}/merged")
-tokenizer.save_pretrained(f"{args.out}/merged")
+if not args.no_merge:
+    # fold the scales into o_proj: a plain transformers model with no extra cost at inference
+    ids = torch.tensor([train[0]["input_ids"][: train[0]["prompt_length"]]])
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        merged = model.merge_and_unload(safe_merge=True)
+        print("merged vs unmerged max |diff|:", (merged(input_ids=ids).logits - before).abs().max().item())
+    merged.save_pretrained(f"{args.out}/merged")
+    tokenizer.save_pretrained(f"{args.out}/merged")

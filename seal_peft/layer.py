@@ -253,6 +253,9 @@ class Linear(nn.Module, SealLayer):
         self.update_layer(adapter_name, group=group, init_weights=init_weights, inference_mode=inference_mode)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -260,6 +263,35 @@ class Linear(nn.Module, SealLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         return self.base_layer(self.scale_input(x), *args, **kwargs)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Sample ``i`` of ``x`` scaled by adapter ``adapter_names[i]`` (``"__base__"``: unscaled).
+
+        A SEAL adapter is only a channel scale, so a mixed batch is one ``[batch, in_features]`` scale
+        matrix and one multiply; no sub-batches. Adapters this layer does not have leave samples unscaled.
+        """
+        if self.merged:
+            raise ValueError(
+                f"Cannot pass adapter_names while adapter(s) {self.merged_adapters} are merged; call "
+                f"model.unmerge_adapter() first."
+            )
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} samples; pass one "
+                f"adapter name (or '__base__') per sample."
+            )
+        rows: dict[str, torch.Tensor] = {}
+        ones = torch.ones(self.in_features, device=x.device, dtype=x.dtype)
+        for name in dict.fromkeys(adapter_names):
+            if name in self.seal_scale:
+                rows[name] = self.channel_scale(name).to(device=x.device, dtype=x.dtype)
+            else:
+                rows[name] = ones
+        scales = torch.stack([rows[name] for name in adapter_names])  # [batch, in_features]
+        scales = scales.view(x.shape[0], *([1] * (x.dim() - 2)), self.in_features)
+        return self.base_layer(x * scales, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "seal." + super().__repr__()

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import TARGET_MODULES_MAPPING, SealConfig
@@ -132,14 +133,61 @@ class SealModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        # PEFT drops `adapter_names` silently for methods without mixed-adapter batches; refuse it instead
-        # of applying the active adapter to every sample.
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError(
-                "SEAL does not support mixed-adapter batches (adapter_names=...): every sample uses the active "
-                "adapter(s). Run one batch per adapter after model.set_adapter(name)."
+        """Mixed-adapter batches: ``model(..., adapter_names=[...])`` / ``generate(..., adapter_names=[...])``.
+
+        As for LoRA, sample ``i`` uses adapter ``adapter_names[i]`` (``"__base__"``: no adapter). Each SEAL
+        layer then multiplies its input by a ``[batch, in_features]`` matrix of per-sample channel scales,
+        so one batch serves several task-specific adapters at the cost of a single adapter.
+        """
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(
+                f"adapter_names must be a list with one adapter name per sample (or '__base__'), got "
+                f"{type(adapter_names).__name__}: {adapter_names!r}."
             )
-        yield
+        if self.training:
+            raise ValueError(
+                "Cannot pass adapter_names when the model is in training mode; call model.eval() first "
+                "(mixed-adapter batches are for inference)."
+            )
+        known: set[str] = set()
+        merged: set[str] = set()
+        for module in self.model.modules():
+            if isinstance(module, SealLayer):
+                known |= set(module.seal_scale.keys())
+                merged |= set(module.merged_adapters)
+        unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
+        if unknown:
+            raise ValueError(
+                f"adapter_names names adapter(s) this model does not have: {', '.join(map(repr, unknown))}. "
+                f"Loaded adapters: {', '.join(map(repr, sorted(known)))}; use '__base__' for no adapter."
+            )
+        if merged:
+            raise ValueError(
+                f"Cannot pass adapter_names while adapter(s) {', '.join(map(repr, sorted(merged)))} are merged into "
+                f"the base weights; call model.unmerge_adapter() first (or use separate merged models)."
+            )
+        names = list(adapter_names)
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:  # generate() repeats every sample num_beams times
+            names = [n for n in names for _ in range(num_beams)]
+
+        def pre_hook(module: nn.Module, hook_args: tuple, hook_kwargs: dict) -> tuple[tuple, dict]:
+            hook_kwargs["adapter_names"] = names
+            return hook_args, hook_kwargs
+
+        handles = []
+        for module in self.model.modules():
+            if isinstance(module, (SealLayer, AuxiliaryTrainingWrapper)):
+                handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _prepare_adapter_config(self, peft_config: SealConfig, model_config: dict) -> SealConfig:
         if peft_config.target_modules is None:
@@ -250,3 +298,10 @@ class SealModel(BaseTuner):
                     f"diverged. Retrain it or use an earlier checkpoint."
                 )
         return remapped
+
+
+# `PeftModel.push_to_hub` (transformers' mixin) replaces PEFT's model card with a generic transformers one;
+# SEAL adapters get a card that says what they are and how to load them (seal_peft/hub.py).
+from .hub import install_push_to_hub  # noqa: E402
+
+install_push_to_hub()

@@ -478,14 +478,14 @@ def test_plain_pickle_adapter_needs_allow_pickle(tmp_path):
 
 
 # ------------------------------------------------------------------------------- misuse of the API
-def test_mixed_adapter_batches_are_refused():
-    """PEFT ignores `adapter_names` for methods without mixed batches; SEAL refuses it."""
+def test_mixed_adapter_batches_refuse_unknown_names():
+    """Mixed-adapter batches are supported (tests/test_ecosystem_mixed_batch.py); bad names are refused."""
     model = get_peft_model(make_model("llama"), SealConfig(init_weights=False)).eval()
     for call in (
-        lambda: model(INPUTS, adapter_names=["default", "default"]),
-        lambda: model.generate(input_ids=INPUTS, adapter_names=["default", "default"], max_new_tokens=2),
+        lambda: model(INPUTS, adapter_names=["default", "other"]),
+        lambda: model.generate(input_ids=INPUTS, adapter_names=["default", "other"], max_new_tokens=2),
     ):
-        with pytest.raises(ValueError, match=r"SEAL does not support mixed-adapter batches.*set_adapter"):
+        with pytest.raises(ValueError, match=r"adapter_names names adapter\(s\) this model does not have: 'other'"):
             call()
 
 
