@@ -17,7 +17,7 @@ TASKS = ("line", "kv", "needle")
 
 # Recommended SEAL settings for the embedded model, chosen on the dev split (docs/results.md).
 RECIPES: dict[str, dict[str, Any]] = {
-    "head": {"learning_rate": 1e-2, "num_train_epochs": 1.0, "scale_pull": 0.0},
+    "head": {"learning_rate": 3e-2, "num_train_epochs": 1.0, "scale_pull": 0.0},
     "channel": {"learning_rate": 2e-2, "num_train_epochs": 1.0, "scale_pull": 0.0},
 }
 
@@ -140,6 +140,22 @@ def resolve_dtype(name: str):
     return torch.bfloat16 if fast else torch.float32
 
 
+def _apply_extend(model, tokenizer, extend):
+    """``--extend METHOD:FACTOR[:key=value,...]``: extend the model's context (seal_peft.extension) and let
+    the tokenizer (and the data generators) accept the extended length."""
+    from .extension import extend_context, extended_context_length, parse_extend
+
+    if extend:
+        record = parse_extend(extend)
+        method, factor = record.pop("method"), record.pop("factor")
+        extend_context(model, method, factor=factor, **record)
+    if extend or getattr(getattr(model, "config", None), "seal_extension", None):
+        limit = extended_context_length(model)
+        current = getattr(tokenizer, "model_max_length", 0) or 0  # huge = "no limit" sentinel
+        tokenizer.model_max_length = limit if current > 10**7 else max(limit, current)
+    return model
+
+
 def _dataset_from_args(args, tokenizer, exclude=None):
     if args.data:
         return _load_dataset(args.data)
@@ -214,6 +230,7 @@ def cmd_train(args) -> int:
     from .models import load_model
 
     model, tok = load_model(args.model, dtype=resolve_dtype(args.dtype))
+    _apply_extend(model, tok, args.extend)
     ds = _dataset_from_args(args, tok)
     t0 = time.time()
     peft_model = train_variant(
@@ -230,6 +247,9 @@ def cmd_train(args) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
+    from .extension import record_extension
+
+    record_extension(peft_model)  # the extension is saved in adapter_config.json ("extension")
     peft_model.save_pretrained(args.out)
     _log(
         f"trained SEAL-{args.granularity[0].upper()} on {len(ds)} samples in {time.time() - t0:.0f} s; "
@@ -239,13 +259,15 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_with_adapter(model_name, adapter, merge, dtype="auto"):
-    from .loading import from_pretrained
+def _load_with_adapter(model_name, adapter, merge, dtype="auto", extend=None):
+    from .extension import from_pretrained  # applies the extension recorded with the adapter
     from .models import load_model
 
     model, tok = load_model(model_name, dtype=resolve_dtype(dtype))
+    _apply_extend(model, tok, extend)
     if adapter:
         model = from_pretrained(model, adapter)
+        _apply_extend(model, tok, None)
         if merge:
             model = model.merge_and_unload(safe_merge=True)
     return model.eval(), tok
@@ -273,7 +295,7 @@ def evaluate_model(model, tok, eval_ds, lengths, name, out_dir=None, ppl_tokens=
 def cmd_eval(args) -> int:
     from .evaluation import plot_accuracy_vs_length
 
-    model, tok = _load_with_adapter(args.model, args.adapter, args.merge, args.dtype)
+    model, tok = _load_with_adapter(args.model, args.adapter, args.merge, args.dtype, args.extend)
     ds = _dataset_from_args(args, tok)
     name = args.name or ("base" if not args.adapter else os.path.basename(os.path.normpath(args.adapter)))
     s = evaluate_model(model, tok, ds, args.lengths, name, args.out, args.ppl_tokens, progress=not args.quiet)
@@ -605,6 +627,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for memory on long samples"
     )
+    t.add_argument(
+        "--extend",
+        default=None,
+        metavar="METHOD:FACTOR",
+        help="extend the context first (docs/extension.md): ntk:2, dynamic_ntk:2, yarn:2, self_extend:4 "
+        "(group size; window option: self_extend:4:window=1024); recorded in the adapter",
+    )
     t.add_argument("--out", required=True, help="adapter output folder")
     t.set_defaults(func=cmd_train)
 
@@ -615,6 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(e, samples=40, lengths="512,1024,2048", seed=1000)
     e.add_argument("--adapter", default=None, help="SEAL adapter folder (default: evaluate the base model)")
     e.add_argument("--merge", action="store_true", help="merge the adapter before evaluating")
+    e.add_argument(
+        "--extend",
+        default=None,
+        metavar="METHOD:FACTOR",
+        help="extend the context first (docs/extension.md): ntk:2, dynamic_ntk:2, yarn:2, self_extend:4 "
+        "(group size; window option: self_extend:4:window=1024). An adapter's recorded extension is applied "
+        "automatically",
+    )
     e.add_argument("--name", default=None, help="name of this run in tables/files")
     e.add_argument(
         "--ppl-tokens", type=int, default=2048, help="held-out essay tokens for perplexity (0 = skip)"

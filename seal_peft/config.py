@@ -16,6 +16,8 @@ from peft.config import PeftConfig
 from ._registration import ensure_registered
 
 GRANULARITIES = ("head", "channel")
+# Context-extension methods a SEAL adapter can be trained/evaluated on (see seal_peft/extension.py).
+EXTENSION_METHODS = ("ntk", "dynamic_ntk", "yarn", "self_extend")
 
 # model_type -> name (suffix) of the attention output projection whose *input* SEAL scales.
 # The names are specific enough not to match MLP projections of the same short name
@@ -134,6 +136,18 @@ class SealConfig(PeftConfig):
         },
     )
 
+    extension: dict | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "The context extension the adapter was trained on, e.g. {'method': 'ntk', 'factor': 2.0} or "
+                "{'method': 'self_extend', 'factor': 4, 'window': 1024}. Written by "
+                "seal_peft.extension.extend_context / record_extension and re-applied on load by "
+                "seal_peft.extension.from_pretrained (or apply_from_config). None: no extension."
+            )
+        },
+    )
+
     def __post_init__(self) -> None:
         ensure_registered()
         super().__post_init__()
@@ -181,6 +195,19 @@ class SealConfig(PeftConfig):
                 "SealConfig.layers_pattern only has an effect together with layers_to_transform; "
                 "set layers_to_transform=[...] or drop layers_pattern."
             )
+        if self.extension is not None:
+            ext = self.extension
+            factor = ext.get("factor") if isinstance(ext, dict) else None
+            if not isinstance(ext, dict) or ext.get("method") not in EXTENSION_METHODS:
+                raise ValueError(
+                    f"SealConfig.extension={ext!r} must be None or a dict with 'method' in "
+                    f"{EXTENSION_METHODS} and a 'factor' > 1, e.g. {{'method': 'ntk', 'factor': 2.0}}."
+                )
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+                raise ValueError(
+                    f"SealConfig.extension['factor']={factor!r} must be a number > 1 (the context multiple, or "
+                    f"the Self-Extend group size)."
+                )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
                 "SealConfig: layers_to_transform cannot be combined with a regex target_modules; "
