@@ -1,0 +1,218 @@
+"""The speed/memory benchmark scripts run end to end on a tiny random model (seconds, nothing timed).
+
+They only check that each script runs and reports what it promises (ratios, peak memory, the
+merged-model checks); the numbers themselves are not asserted, timings in tests would be flaky.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_inference_benchmark_tiny(tmp_path, capsys):
+    out = tmp_path / "inference.json"
+    record = _load("speed_inference").main(
+        [
+            "--model", "tiny", "--dtype", "float32,bfloat16", "--lengths", "16,32",
+            "--decode-context", "8", "--decode-tokens", "2", "--repeats", "2", "--json", str(out),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "unmerged/base" in printed and "merged/base" in printed
+    assert json.loads(out.read_text())["results"] == json.loads(json.dumps(record["results"]))
+    phases = {(r["dtype"], r["phase"], r["tokens"]) for r in record["results"]}
+    assert ("float32", "prefill", 32) in phases and ("bfloat16", "decode/token", 8) in phases
+    for r in record["results"]:
+        assert r["seconds"]["base"]["n"] == 2
+        for v in ("unmerged", "merged"):
+            assert r["ratio_vs_base"][v]["median"] > 0
+    checks = record["checks"]
+    assert checks["float32"]["o_proj_type"] == "torch.nn.Linear"
+    # merged == unmerged (fp32 exactly up to rounding), and the adapter is not the identity
+    assert checks["float32"]["max_abs_logit_diff_merged_vs_unmerged"] < 1e-4
+    assert checks["float32"]["max_abs_logit_diff_merged_vs_base"] > 1e-3
+
+
+def test_merged_graph_check_catches_a_leftover_wrapper():
+    bench = _load("speed_inference")
+    from seal_peft.layer import SealLayer
+
+    base, _ = _load("_common").load_benchmark_model("tiny", torch.float32)
+    models = bench.build_variants(base, "head", seed=0)
+    bench.check_merged_is_base_graph(models["base"], models["merged"])
+    assert any(isinstance(m, SealLayer) for m in models["unmerged"].modules())
+    with pytest.raises(AssertionError):
+        bench.check_merged_is_base_graph(models["base"], models["unmerged"].base_model.model)
+
+
+def test_training_benchmark_tiny_in_process(tmp_path, capsys):
+    out = tmp_path / "training.json"
+    variants = "forward,forward-trim,seal-h,seal-c,lora,ia3,seal-h+full,lora+full,seal-h+ckpt"
+    record = _load("speed_training").main(
+        [
+            "--model", "tiny", "--dtype", "float32", "--lengths", "48", "--steps", "1", "--warmup", "1",
+            "--variants", variants, "--in-process", "--json", str(out),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "step/LoRA step" in printed and "peak/LoRA peak" in printed
+    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == set(variants.split(","))
+    # trimmed variants compute logits only for the answer positions (+1), untrimmed for all 48
+    assert results["seal-h"]["logits_positions"] == 17 and results["seal-h+full"]["logits_positions"] == 48
+    assert results["forward"]["logits_positions"] == 48 and results["forward-trim"]["logits_positions"] == 17
+    assert results["seal-h"]["trainable_params"] == 2 * 4  # 2 layers x 4 heads
+    assert results["seal-c"]["trainable_params"] == 2 * 64
+    assert results["forward"]["trainable_params"] == 0
+    for spec, r in results.items():
+        assert r["step_s"]["median"] > 0 and r["peak_mib"] >= 0
+        if not spec.startswith("forward"):
+            assert math.isfinite(r["loss"])
+    rows = {(row[0], row[1]): row for row in record["ratios"]}
+    assert float(rows[(48, "seal-h")][4]) > 0  # relative to LoRA at the same length
+
+
+def test_training_benchmark_worker_subprocess():
+    """The default mode: each variant in a fresh process reporting one JSON line."""
+    script = BENCH / "speed_training.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--worker", "seal-h", "--model", "tiny", "--dtype", "float32",
+         "--lengths", "32", "--steps", "1", "--warmup", "0", "--threads", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT ") :])
+    assert result["variant"] == "seal-h" and result["tokens"] == 32 and result["peak_exact"] in (True, False)
+
+
+def test_training_benchmark_rejects_unknown_variant():
+    with pytest.raises(ValueError, match="bad variant"):
+        _load("speed_training").parse_variant("seal-x+fast")
+
+
+def test_gpu_paper_setting_runs_on_cpu_tiny(tmp_path, capsys):
+    out = tmp_path / "paper.json"
+    record = _load("gpu_paper_setting").main(
+        [
+            "--config", "tiny", "--seq-len", "40", "--samples", "50", "--variants", "seal-h,seal-c,lora",
+            "--steps", "1", "--warmup", "0", "--device", "cpu", "--dtype", "float32", "--json", str(out),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "50 samples" in printed
+    saved = json.loads(out.read_text())
+    assert [r["variant"] for r in saved["results"]] == ["seal-h", "seal-c", "lora"]
+    for r in record["results"]:
+        assert r["extrapolated_total_s"] == pytest.approx(50 * r["step_s"]["median"])
+        assert r["peak_mib_above_weights"] >= 0 and math.isfinite(r["loss"])
+    assert saved["args"]["grad_ckpt"] is True and saved["model_params"] > 0
+
+
+def test_gpu_paper_configs_have_the_paper_shapes():
+    bench = _load("gpu_paper_setting")
+    cfg = bench.resolve_config("longchat-7b-32k")
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size) == (32, 32, 4096)
+    assert cfg.max_position_embeddings == 32768
+    mistral = bench.resolve_config("mistral-7b-v0.2")
+    assert mistral.num_key_value_heads == 8
+    with torch.device("meta"):  # the full 7B shape builds (on the meta device: no memory, no time)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    assert 6.5e9 < n < 7.0e9
+    with pytest.raises(ValueError, match="--config"):
+        bench.resolve_config("no-such-model")
+
+
+# ------------------------------------------------------------------ the fast paths the benchmarks rely on
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["head", "channel"])
+def test_long_input_inference_equals_merged_exactly(dtype, granularity):
+    """Prefill (more rows than 2 * out_features, no grad) uses the scaled weight: bit-identical to merged."""
+    import copy
+
+    from peft import get_peft_model
+
+    import seal_peft
+
+    base, _ = _load("_common").load_benchmark_model("tiny", dtype)
+    unmerged = get_peft_model(
+        copy.deepcopy(base), seal_peft.SealConfig(granularity=granularity, init_weights=False)
+    )
+    merged = copy.deepcopy(unmerged).merge_and_unload()
+    ids = torch.randint(0, 512, (1, 160))  # 160 rows > 2 * 64 output features of o_proj
+    with torch.no_grad():
+        assert torch.equal(unmerged(ids).logits, merged(ids).logits)
+        short = ids[:, :16]  # activation path: equal up to rounding
+        torch.testing.assert_close(unmerged(short).logits, merged(short).logits, atol=0.1, rtol=0.05)
+
+
+def test_long_input_paths_keep_gradients_and_hooks():
+    from peft import get_peft_model
+
+    import seal_peft
+    from seal_peft.layer import SealLayer
+
+    base, _ = _load("_common").load_benchmark_model("tiny", torch.float32)
+    model = get_peft_model(base, seal_peft.SealConfig(init_weights=False))
+    layer = next(m for m in model.modules() if isinstance(m, SealLayer))
+    x = torch.randn(1, 160, 64)
+    expected = layer.base_layer(x * layer.channel_scale("default"))
+    # training: the scale gradient flows (activation path), identical to the reference gradient
+    out = layer(x)
+    out.sum().backward()
+    grad = layer.seal_scale["default"].grad.clone()
+    layer.seal_scale["default"].grad = None
+    expected.sum().backward()
+    torch.testing.assert_close(grad, layer.seal_scale["default"].grad)
+    # inference: weight path, same values
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected.detach(), atol=1e-5, rtol=1e-5)
+        # a hook on the base layer must run: the fast path steps aside
+        handle = layer.base_layer.register_forward_hook(lambda m, a, o: o * 0)
+        assert torch.count_nonzero(layer(x)) == 0
+        handle.remove()
+
+
+def test_layer_benchmark_tiny(tmp_path, capsys):
+    out = tmp_path / "layer.json"
+    _load("speed_layer").main(
+        ["--features", "32", "--head-dim", "8", "--tokens", "1,80", "--repeats", "1", "--budget-ms", "0.5",
+         "--json", str(out)]
+    )  # fmt: skip
+    assert "original wrapper" in capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    assert {(r["dtype"], r["tokens"], r["mode"]) for r in results} >= {
+        ("bfloat16", 80, "fwd+bwd"),
+        ("float32", 1, "no-grad"),
+    }
+    assert set(results[0]["seconds"]) == {"base", "seal", "orig", "act-ref", "bcast"}
