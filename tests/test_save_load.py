@@ -124,52 +124,33 @@ def test_low_cpu_mem_usage_load(saved, inputs):
     assert torch.equal(model(inputs).logits, expected)
 
 
-def test_adapter_onto_model_of_other_shape(saved):
-    path, _ = saved
-    # 8 heads of size 4 instead of 4 heads of size 8
+def _mistral(layers: int, heads: int):
     from transformers import MistralConfig, MistralForCausalLM
 
-    other = MistralForCausalLM(
-        MistralConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            sliding_window=None,
-        )
+    config = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        sliding_window=None,
     )
-    with pytest.raises(ValueError, match="does not fit the model.*different number of heads"):
-        PeftModel.from_pretrained(other, path / "adapter")
-    # fewer layers: scales for layers the model does not have
-    fewer = MistralForCausalLM(
-        MistralConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=None,
-        )
-    )
-    with pytest.raises(ValueError, match="does not fit the model.*modules the model does not have"):
-        PeftModel.from_pretrained(fewer, path / "adapter")
-    # more layers: the adapter has no scales for some SEAL layers
-    more = MistralForCausalLM(
-        MistralConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=None,
-        )
-    )
-    with pytest.raises(ValueError, match="has no scales for 1 SEAL layer"):
-        PeftModel.from_pretrained(more, path / "adapter")
+    return MistralForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    "layers, heads, match",
+    [
+        (2, 8, "does not fit the model.*different number of heads"),  # 8 heads of 4 instead of 4 of 8
+        (1, 4, "does not fit the model.*modules the model does not have"),  # fewer layers
+        (3, 4, "has no scales for 1 SEAL layer"),  # more layers
+    ],
+)
+def test_adapter_onto_model_of_other_shape(saved, layers, heads, match):
+    path, _ = saved
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(_mistral(layers, heads), path / "adapter")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
