@@ -561,7 +561,8 @@ def cmd_demo(args) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     print(
-        f"\nLine retrieval accuracy ({args.eval_samples} samples per length, prompt format {args.prompt_format}):"
+        f"\nLine retrieval accuracy ({args.eval_samples} samples per length, prompt format {args.prompt_format}, "
+        f"{str(dtype).replace('torch.', '')} weights):"
     )
     print(table)
     print(f"\nmerged == unmerged: {', '.join(f'{k} max|diff| {v:.1e}' for k, v in checks.items())}")

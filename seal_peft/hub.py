@@ -119,9 +119,15 @@ def model_card(
     rows = []
     for name, cfg in configs.items():
         targets = cfg.target_modules
-        targets = ", ".join(f"`{t}`" for t in sorted(targets)) if isinstance(targets, (set, list)) else f"`{targets}`"
-        kind = "SEAL-H (one scale per attention head)" if cfg.granularity == "head" else (
-            "SEAL-C (one scale per channel)"
+        targets = (
+            ", ".join(f"`{t}`" for t in sorted(targets))
+            if isinstance(targets, (set, list))
+            else f"`{targets}`"
+        )
+        kind = (
+            "SEAL-H (one scale per attention head)"
+            if cfg.granularity == "head"
+            else ("SEAL-C (one scale per channel)")
         )
         folder = "(repo root)" if name == "default" else f"`{name}/`"
         rows.append(f"| `{name}` | {folder} | {kind} | {targets} | {_num_scales(model, name):,} |")

@@ -203,7 +203,9 @@ class SealModel(BaseTuner):
         # a model extended with seal_peft.extension before wrapping: record the extension with the adapter
         extension = model_config.get("seal_extension")
         if getattr(peft_config, "extension", None) is None and isinstance(extension, dict):
-            peft_config.extension = {k: v for k, v in extension.items() if k != "native_max_position_embeddings"}
+            peft_config.extension = {
+                k: v for k, v in extension.items() if k != "native_max_position_embeddings"
+            }
         return peft_config
 
     def _create_and_replace(

@@ -203,6 +203,8 @@ def train_seal(
 
     if len(train_dataset) == 0:
         raise ValueError("train_seal: the training dataset is empty.")
+    if not progress:
+        overrides.setdefault("logging_strategy", "no")  # quiet: no per-step loss lines either
     args = seal_training_arguments(
         output_dir,
         granularity=granularity,
