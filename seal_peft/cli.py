@@ -125,6 +125,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _extend_arg(p: argparse.ArgumentParser, note: str) -> None:
+    p.add_argument(
+        "--extend",
+        default=None,
+        metavar="METHOD:FACTOR",
+        help="extend the context first (docs/extension.md): ntk:2, dynamic_ntk:2, yarn:2, self_extend:4 "
+        "(group size; window option: self_extend:4:window=1024)" + note,
+    )
+
+
 def resolve_dtype(name: str):
     """``auto``: bf16 where it is fast (CUDA with bf16, CPUs whose oneDNN has bf16 kernels), else fp32."""
     import torch
@@ -628,13 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for memory on long samples"
     )
-    t.add_argument(
-        "--extend",
-        default=None,
-        metavar="METHOD:FACTOR",
-        help="extend the context first (docs/extension.md): ntk:2, dynamic_ntk:2, yarn:2, self_extend:4 "
-        "(group size; window option: self_extend:4:window=1024); recorded in the adapter",
-    )
+    _extend_arg(t, "; recorded in the adapter")
     t.add_argument("--out", required=True, help="adapter output folder")
     t.set_defaults(func=cmd_train)
 
@@ -645,14 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(e, samples=40, lengths="512,1024,2048", seed=1000)
     e.add_argument("--adapter", default=None, help="SEAL adapter folder (default: evaluate the base model)")
     e.add_argument("--merge", action="store_true", help="merge the adapter before evaluating")
-    e.add_argument(
-        "--extend",
-        default=None,
-        metavar="METHOD:FACTOR",
-        help="extend the context first (docs/extension.md): ntk:2, dynamic_ntk:2, yarn:2, self_extend:4 "
-        "(group size; window option: self_extend:4:window=1024). An adapter's recorded extension is applied "
-        "automatically",
-    )
+    _extend_arg(e, ". An adapter's recorded extension is applied automatically")
     e.add_argument("--name", default=None, help="name of this run in tables/files")
     e.add_argument(
         "--ppl-tokens", type=int, default=2048, help="held-out essay tokens for perplexity (0 = skip)"
