@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-length", default="1024", help="comma-separated token lengths, cycled")
     p.add_argument("--scale-pull", type=float, default=0.0)
     p.add_argument("--lm-every", type=int, default=0, help="insert one essay LM sample after every N samples")
+    p.add_argument("--lm-length", type=int, default=512, help="tokens per LM sample (training essays)")
     p.add_argument("--layers", default=None, help="comma-separated layer indices to adapt (default all)")
     p.add_argument("--eval-lengths", default="512,1024,2048,4096")
     p.add_argument("--eval-samples", type=int, default=40)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     from seal_peft.data import heldout_text, line_retrieval
     from seal_peft.evaluation import evaluate_retrieval, perplexity
     from seal_peft.models import load_model
-    from seal_peft.training import lm_text_samples, mix_lm_samples, train_seal
+    from seal_peft.training import add_lm_samples, train_seal
 
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
@@ -92,16 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         data = train_ds
         if args.lm_every:
-            from seal_peft.data import load_essays
-
-            lm = lm_text_samples(
-                tok,
-                load_essays("train"),
-                max(1, args.train_samples // args.lm_every),
-                train_lengths[0],
-                seed=args.seed,
-            )
-            data = mix_lm_samples(train_ds, lm, every=args.lm_every, seed=args.seed)
+            data = add_lm_samples(train_ds, tok, every=args.lm_every, length=args.lm_length, seed=args.seed)
         t0 = time.time()
         train_seal(
             model,

@@ -207,12 +207,18 @@ def train_variant(
     gradient_checkpointing=False,
     seed=0,
     progress=True,
+    lm_every=0,
+    lm_length=512,
 ):
-    """Wrap ``model`` with SEAL and train it with the recipe for ``granularity``; returns the PeftModel."""
+    """Wrap ``model`` with SEAL and train it with the recipe for ``granularity``; returns the PeftModel.
+
+    ``lm_every > 0`` inserts one plain-text LM window of ``lm_length`` tokens (training essays) after
+    every ``lm_every`` retrieval samples (``seal_peft.training.add_lm_samples``).
+    """
     from peft import get_peft_model
 
     from .config import SealConfig
-    from .training import train_seal
+    from .training import add_lm_samples, train_seal
 
     recipe = dict(RECIPES[granularity])
     if learning_rate is not None:
@@ -221,6 +227,8 @@ def train_variant(
         recipe["num_train_epochs"] = epochs
     if scale_pull is not None:
         recipe["scale_pull"] = scale_pull
+    if lm_every:
+        train_ds = add_lm_samples(train_ds, tokenizer, every=lm_every, length=lm_length, seed=seed)
     peft_model = get_peft_model(model, SealConfig(granularity=granularity, layers_to_transform=layers))
     train_seal(
         peft_model,
@@ -256,6 +264,8 @@ def cmd_train(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed,
         progress=not args.quiet,
+        lm_every=args.lm_every,
+        lm_length=args.lm_length,
     )
     from .extension import record_extension
 
@@ -635,6 +645,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale-pull", type=float, default=None, help="weight of the pull of the scales toward 1 (default 0)"
     )
     t.add_argument("--layers", type=_ints, default=None, help="only adapt these layers (comma-separated)")
+    t.add_argument(
+        "--lm-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the model a good LM: insert one plain-text window (training essays) after every N "
+        "samples (default 0 = off; docs/training.md)",
+    )
+    t.add_argument("--lm-length", type=int, default=512, help="tokens per LM window (default 512)")
     t.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for memory on long samples"
     )

@@ -258,6 +258,21 @@ def mix_lm_samples(dataset, lm_samples, every: int = 5, seed: int = 0):
     return Dataset.from_list(out)
 
 
+def add_lm_samples(dataset, tokenizer: Any, every: int = 5, length: int = 512, seed: int = 0):
+    """``dataset`` with plain-text LM windows of ``length`` tokens from the *training* essays inserted
+    after every ``every`` samples (``mix_lm_samples`` + ``lm_text_samples``).
+
+    The essays' ``"train"`` half is used, so the held-out perplexity text (``heldout_text``, the
+    ``"eval"`` half) is never trained on. This is what ``seal-peft train --lm-every N`` does.
+    """
+    from .data import load_essays
+
+    if every < 1:
+        raise ValueError(f"every={every} must be >= 1 (one LM sample after every N retrieval samples).")
+    lm = lm_text_samples(tokenizer, load_essays("train"), max(1, len(dataset) // every), length, seed=seed)
+    return mix_lm_samples(dataset, lm, every=every, seed=seed)
+
+
 def lm_text_samples(
     tokenizer: Any, texts: Sequence[str], num_samples: int, length: int, seed: int = 0
 ) -> list[dict]:

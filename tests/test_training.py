@@ -11,6 +11,7 @@ from transformers import Trainer
 from seal_peft import SealConfig
 from seal_peft.training import (
     SealDataCollator,
+    add_lm_samples,
     lm_text_samples,
     mix_lm_samples,
     scale_pull_loss,
@@ -88,6 +89,26 @@ def test_mix_lm_samples():
         lm_text_samples(Tok(), ["ab"], 1, 8)
 
 
+def test_add_lm_samples_uses_training_essays_only():
+    from seal_peft.data import load_essays
+
+    class Tok:  # one id per character: a window can be located in the essay text
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    mixed = add_lm_samples(_rows(6), Tok(), every=3, length=64, seed=2)
+    assert len(mixed) == 8
+    lm_rows = [mixed[3], mixed[7]]
+    train_text, eval_text = "".join(load_essays("train")), "".join(load_essays("eval"))
+    for r in lm_rows:
+        assert len(r["input_ids"]) == 64 and r["labels"] == r["input_ids"]
+        window = "".join(map(chr, r["input_ids"]))
+        assert window in train_text and window not in eval_text
+    assert mixed[0]["labels"] == _rows(6)[0]["labels"]  # retrieval samples untouched
+    with pytest.raises(ValueError, match="every=0 must be >= 1"):
+        add_lm_samples(_rows(6), Tok(), every=0)
+
+
 @pytest.mark.parametrize("granularity", ["head", "channel"])
 def test_trainer_with_recommended_args_lowers_answer_loss(tmp_path, granularity):
     model = get_peft_model(make_model("llama"), SealConfig(granularity=granularity))
@@ -155,3 +176,11 @@ def test_train_seal_convenience(tmp_path):
     assert not torch.allclose(scales, torch.ones_like(scales))
     with pytest.raises(ValueError, match="empty"):
         train_seal(model, None, [], str(tmp_path))
+
+
+def test_cli_train_lm_options_parse():
+    from seal_peft.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--out", "x", "--lm-every", "4", "--lm-length", "256"])
+    assert (args.lm_every, args.lm_length) == (4, 256)
+    assert build_parser().parse_args(["train", "--out", "x"]).lm_every == 0
