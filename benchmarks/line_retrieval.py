@@ -22,6 +22,15 @@ import torch
 EVAL_SEEDS = {"dev": 500, "test": 1000}
 
 
+def reference_docs_text(tok, num_tokens: int) -> str:
+    """The first ``num_tokens`` tokens of Python's language reference (``pydoc_data.topics``, shipped
+    with CPython): English technical prose from another domain than the essays, never trained on."""
+    from pydoc_data.topics import topics
+
+    ids = tok(" ".join(topics[k] for k in sorted(topics)), add_special_tokens=False)["input_ids"]
+    return tok.decode(ids[:num_tokens])
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF id/path; default: embedded SmolLM2-135M-Instruct")
@@ -40,7 +49,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-samples", type=int, default=40)
     p.add_argument("--split", default="dev", choices=sorted(EVAL_SEEDS))
     p.add_argument("--prompt-format", default="chat_prefill", choices=["chat", "chat_prefill", "plain"])
-    p.add_argument("--ppl-tokens", type=int, default=2048)
+    p.add_argument("--ppl-tokens", type=int, default=2048, help="held-out essay tokens for perplexity")
+    p.add_argument(
+        "--ood-ppl-tokens",
+        type=int,
+        default=2048,
+        help="tokens of out-of-domain text (Python's reference docs, stdlib pydoc_data) for a second "
+        "perplexity; 0 = skip",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--dtype",
@@ -74,14 +90,18 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         progress=False,
     )
-    eval_ds = line_retrieval(
-        tok,
-        args.eval_samples * len(eval_lengths),
-        eval_lengths,
-        prompt_format=args.prompt_format,
-        seed=EVAL_SEEDS[args.split],
-        exclude=train_ds,
-        progress=False,
+    eval_ds = (
+        line_retrieval(
+            tok,
+            args.eval_samples * len(eval_lengths),
+            eval_lengths,
+            prompt_format=args.prompt_format,
+            seed=EVAL_SEEDS[args.split],
+            exclude=train_ds,
+            progress=False,
+        )
+        if args.eval_samples
+        else None
     )
     if args.adapter:
         model = seal_peft.from_pretrained(model, args.adapter)
@@ -118,13 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
         if args.save_adapter:
             model.save_pretrained(args.save_adapter)
     t0 = time.time()
-    result = evaluate_retrieval(
-        model, tok, eval_ds, max_new_tokens=32, progress=False, length_bins=eval_lengths
-    )
+    if args.eval_samples:
+        result = evaluate_retrieval(
+            model, tok, eval_ds, max_new_tokens=32, progress=False, length_bins=eval_lengths
+        )
+        record["accuracy"] = {str(k): v for k, v in result.accuracy_by_length(eval_lengths).items()}
     record["eval_seconds"] = round(time.time() - t0, 1)
-    record["accuracy"] = {str(k): v for k, v in result.accuracy_by_length(eval_lengths).items()}
     text = heldout_text(tok, args.ppl_tokens, seed=0)
     record["ppl"] = perplexity(model, tok, text, max_length=args.ppl_tokens)
+    if args.ood_ppl_tokens:
+        ood = reference_docs_text(tok, args.ood_ppl_tokens)
+        record["ppl_ood"] = perplexity(model, tok, ood, max_length=args.ood_ppl_tokens)
     print(json.dumps(record), flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

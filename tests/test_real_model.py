@@ -222,3 +222,24 @@ def test_example_script_runs(tmp_path):
     assert "merged vs unmerged max |diff|" in r.stdout
     assert (tmp_path / "ex" / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "ex" / "merged" / "config.json").exists()
+
+
+def test_line_retrieval_benchmark_small(tmp_path):
+    """benchmarks/line_retrieval.py (the script behind docs/results.md) at toy size, LM mixing on."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import line_retrieval as bench
+    finally:
+        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    out = tmp_path / "r.json"
+    common = ["--train-length", "256", "--eval-lengths", "256", "--ppl-tokens", "128", "--ood-ppl-tokens", "128"]
+    rec = bench.main(
+        ["--granularity", "channel", "--train-samples", "2", "--eval-samples", "1", "--lm-every", "1"]
+        + ["--lm-length", "64", "--save-adapter", str(tmp_path / "a"), "--out", str(out)]
+        + common
+    )
+    assert json.loads(out.read_text())["accuracy"] == rec["accuracy"] and set(rec["accuracy"]) == {"256"}
+    assert rec["scales"]["max"] > 1.0 > rec["scales"]["min"]  # 4 steps (2 retrieval + 2 LM) moved them
+    assert rec["ppl"] > 1 and rec["ppl_ood"] > 1
+    again = bench.main(["--adapter", str(tmp_path / "a"), "--eval-samples", "0"] + common)
+    assert "accuracy" not in again and again["ppl"] == pytest.approx(rec["ppl"], rel=1e-4)
