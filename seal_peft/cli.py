@@ -355,6 +355,10 @@ def cmd_analyze(args) -> int:
     from .models import load_model
 
     progress = not args.quiet
+    if args.perturb_with_adapter and not args.adapter:
+        raise ValueError(
+            "--perturb-with-adapter needs --adapter ADAPTER_DIR (the adapter to perturb on top of)."
+        )
     os.makedirs(args.out, exist_ok=True)
     # gradients and small log-likelihood differences: full precision unless asked otherwise
     model, tok = load_model(
@@ -399,8 +403,14 @@ def cmd_analyze(args) -> int:
     if args.perturb_top > 0 or args.check_heads > 0:
         if ds is None:
             ds = _dataset_from_args(args, tok)
+        target = model
+        if args.perturb_with_adapter:
+            from .loading import from_pretrained
+
+            target = from_pretrained(model, args.adapter)  # the probe multiplies on top of its scales
+            summary["perturbed_model"] = f"base + adapter {args.adapter}"
         res = an.top_vs_random(
-            model,
+            target,
             ds,
             attr,
             k=args.perturb_top,
@@ -711,6 +721,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="also perturb this many single heads; Spearman vs attribution",
+    )
+    a.add_argument(
+        "--perturb-with-adapter",
+        action="store_true",
+        help="run the perturbation check on the model with --adapter loaded (a model that retrieves "
+        "well, so the accuracy change is visible); the attribution stays that of the base model",
     )
     a.add_argument("--out", required=True, help="output folder")
     a.set_defaults(func=cmd_analyze)

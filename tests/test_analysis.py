@@ -341,3 +341,45 @@ def test_cli_analyze_writes_records_and_plots(tmp_path, capsys):
         + ["--out", str(tmp_path / "out2")]
     )
     assert rc == 2 and "does not fit" in capsys.readouterr().err
+    # perturbation on top of the adapter: the unperturbed reference is the adapted model's
+    strong = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "tiny"), SealConfig())
+    with torch.no_grad():
+        for name, p in strong.named_parameters():
+            if "seal_scale" in name:
+                p.uniform_(0.0, 3.0)
+    strong.save_pretrained(tmp_path / "strong")
+    reuse = args + ["--attribution", str(out / "attribution.json"), "--adapter", str(tmp_path / "strong")]
+    rc = main(
+        reuse
+        + [
+            "--perturb-top",
+            "1",
+            "--random-draws",
+            "1",
+            "--perturb-with-adapter",
+            "--out",
+            str(tmp_path / "o3"),
+        ]
+    )
+    assert rc == 0
+    on_base = json.loads((out / "perturbation.json").read_text())["base_answer_nll"]
+    on_adapter = json.loads((tmp_path / "o3" / "perturbation.json").read_text())["base_answer_nll"]
+    import seal_peft
+
+    adapted = seal_peft.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "tiny"), tmp_path / "strong"
+    )
+    from seal_peft.analysis import answer_scores
+    from seal_peft.data import line_retrieval
+
+    data = line_retrieval(
+        tok, num_samples=2, length=256, prompt_format="chat_prefill", seed=2000, progress=False
+    )
+    expected = answer_scores(adapted, data, tok, progress=False)["answer_nll"]
+    # (a random tiny model is near-uniform over its vocabulary, so NLL differences are small but exact)
+    assert abs(on_adapter - expected) < 1e-5 and abs(on_adapter - on_base) > 5e-4
+    assert json.loads((tmp_path / "o3" / "summary.json").read_text())["perturbed_model"].startswith(
+        "base + adapter"
+    )
+    rc = main(args + ["--perturb-with-adapter", "--out", str(tmp_path / "o4")])
+    assert rc == 2 and "--perturb-with-adapter needs --adapter" in capsys.readouterr().err
