@@ -154,12 +154,15 @@ def main(argv: list[str] | None = None) -> dict:
             learning_rate=args.lr,
             seed=args.seed,
             progress=False,
+            logging_strategy="steps",  # progress=False turns logging off; the loss curve needs it
             logging_steps=1,
         )
         train_seconds = round(time.time() - t0, 1)
         if mask is not None:
             mask.remove()
         curve = _loss_curve(trainer)
+        if not curve:
+            raise RuntimeError("no training loss was logged; the loss-curve summary would be empty")
         half = max(1, len(curve) // 2)
         result = {
             "train_seconds": train_seconds,

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -31,6 +34,8 @@ from seal_peft.analysis import (
     top_vs_random,
 )
 from seal_peft.layer import SealLayer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HEAD_DIM = 8
 O_PROJ = {"llama": "model.layers.{}.self_attn.o_proj", "gpt2": "transformer.h.{}.attn.c_proj"}
@@ -289,8 +294,8 @@ def test_bad_input_gives_clear_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI
-def test_cli_analyze_writes_records_and_plots(tmp_path, capsys):
-    from seal_peft.cli import main
+def _tiny_llama_with_real_tokenizer(path):
+    """A 2-layer Llama saved with the embedded SmolLM2 tokenizer (so the data generators work)."""
     from seal_peft.models import load_tokenizer
 
     try:
@@ -309,8 +314,43 @@ def test_cli_analyze_writes_records_and_plots(tmp_path, capsys):
         max_position_embeddings=512,
     )
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return tok, config
+
+
+def test_attribution_benchmark_tiny(tmp_path):
+    """benchmarks/attribution.py (docs/analysis.md's selection table) end to end on a tiny model."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import attribution as bench
+    finally:
+        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    _tiny_llama_with_real_tokenizer(tmp_path / "tiny")
+    small = ["--attr-samples", "2", "--attr-length", "256", "--train-samples", "3", "--train-length", "256"]
+    rec = bench.main(
+        ["--model", str(tmp_path / "tiny"), "--k", "2", "--eval-samples", "2", "--eval-length", "256"]
+        + ["--variants", "ones,ones_more,topk,init"]
+        + small
+        + ["--out", str(tmp_path / "sel.json")]
+    )
+    assert set(rec["variants"]) == {"base", "ones", "ones_more", "topk", "init"}
+    assert len(rec["variants"]["ones"]["train_loss_curve"]) == 3
+    assert (
+        len(rec["variants"]["ones_more"]["train_loss_curve"]) == 5
+    )  # attribution samples + training samples
+    assert math.isfinite(rec["variants"]["init"]["train_loss_first_half"])
+    topk = rec["variants"]["topk"]  # k=2 heads: their layers' scales are trainable, only those 2 move
+    assert topk["trainable_scales"] in (4, 8) and topk["scale_correlation"]["heads_moved"] <= 2
+    assert json.loads((tmp_path / "sel.json").read_text())["variants"]["ones"]["answer_nll"] > 0
+
+
+def test_cli_analyze_writes_records_and_plots(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from seal_peft.cli import main
+
+    tok, config = _tiny_llama_with_real_tokenizer(tmp_path / "tiny")
     get_peft_model(
         AutoModelForCausalLM.from_pretrained(tmp_path / "tiny"), SealConfig(init_weights=False)
     ).save_pretrained(tmp_path / "adapter")
