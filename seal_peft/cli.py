@@ -15,10 +15,23 @@ from typing import Any
 
 TASKS = ("line", "kv", "needle")
 
-# Recommended SEAL settings for the embedded model, chosen on the dev split (docs/results.md).
+# Recommended SEAL settings for the embedded model, chosen on the dev split (docs/results.md): 50
+# samples at 2K tokens, one 512-token essay LM window after every 2 samples (keeps perplexity at base).
 RECIPES: dict[str, dict[str, Any]] = {
-    "head": {"learning_rate": 3e-2, "num_train_epochs": 1.0, "scale_pull": 0.0},
-    "channel": {"learning_rate": 2e-2, "num_train_epochs": 1.0, "scale_pull": 0.0},
+    "head": {
+        "learning_rate": 3e-2,
+        "num_train_epochs": 1.0,
+        "scale_pull": 0.0,
+        "lm_every": 2,
+        "lm_length": 512,
+    },
+    "channel": {
+        "learning_rate": 2e-2,
+        "num_train_epochs": 1.0,
+        "scale_pull": 0.0,
+        "lm_every": 2,
+        "lm_length": 512,
+    },
 }
 
 
@@ -207,13 +220,14 @@ def train_variant(
     gradient_checkpointing=False,
     seed=0,
     progress=True,
-    lm_every=0,
-    lm_length=512,
+    lm_every=None,
+    lm_length=None,
 ):
     """Wrap ``model`` with SEAL and train it with the recipe for ``granularity``; returns the PeftModel.
 
     ``lm_every > 0`` inserts one plain-text LM window of ``lm_length`` tokens (training essays) after
-    every ``lm_every`` retrieval samples (``seal_peft.training.add_lm_samples``).
+    every ``lm_every`` retrieval samples (``seal_peft.training.add_lm_samples``). Arguments left at
+    ``None`` take the recipe's value.
     """
     from peft import get_peft_model
 
@@ -227,6 +241,9 @@ def train_variant(
         recipe["num_train_epochs"] = epochs
     if scale_pull is not None:
         recipe["scale_pull"] = scale_pull
+    recipe_every, recipe_length = recipe.pop("lm_every"), recipe.pop("lm_length")
+    lm_every = recipe_every if lm_every is None else lm_every
+    lm_length = recipe_length if lm_length is None else lm_length
     if lm_every:
         train_ds = add_lm_samples(train_ds, tokenizer, every=lm_every, length=lm_length, seed=seed)
     peft_model = get_peft_model(model, SealConfig(granularity=granularity, layers_to_transform=layers))
@@ -622,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-samples", type=int, default=50, help="training samples (default 50, as the paper)"
     )
     d.add_argument(
-        "--train-length", type=int, default=1024, help="training sample length in tokens (default 1024)"
+        "--train-length", type=int, default=2048, help="training sample length in tokens (default 2048)"
     )
     d.add_argument(
         "--granularities",
@@ -649,7 +666,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--granularity", choices=("head", "channel"), default="head", help="head = SEAL-H, channel = SEAL-C"
     )
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-2 head, 2e-2 channel)")
+    t.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"learning rate (default: the recipe's, {RECIPES['head']['learning_rate']:g} head, "
+        f"{RECIPES['channel']['learning_rate']:g} channel)",
+    )
     t.add_argument("--epochs", type=float, default=None, help="epochs (default 1)")
     t.add_argument(
         "--scale-pull", type=float, default=None, help="weight of the pull of the scales toward 1 (default 0)"
@@ -658,12 +681,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--lm-every",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help="keep the model a good LM: insert one plain-text window (training essays) after every N "
-        "samples (default 0 = off; docs/training.md)",
+        "samples (default 2, the recipe; 0 = off; docs/training.md)",
     )
-    t.add_argument("--lm-length", type=int, default=512, help="tokens per LM window (default 512)")
+    t.add_argument("--lm-length", type=int, default=None, help="tokens per LM window (default 512)")
     t.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for memory on long samples"
     )

@@ -183,4 +183,21 @@ def test_cli_train_lm_options_parse():
 
     args = build_parser().parse_args(["train", "--out", "x", "--lm-every", "4", "--lm-length", "256"])
     assert (args.lm_every, args.lm_length) == (4, 256)
-    assert build_parser().parse_args(["train", "--out", "x"]).lm_every == 0
+    assert build_parser().parse_args(["train", "--out", "x"]).lm_every is None  # None = the recipe's
+
+
+def test_recipe_mixes_lm_samples_unless_turned_off(monkeypatch):
+    import seal_peft.training as training
+    from seal_peft import cli
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    seen = {}
+    monkeypatch.setattr(training, "train_seal", lambda m, t, ds, out, **kw: seen.update(n=len(ds), kw=kw))
+    cli.train_variant(make_model("llama"), Tok(), _rows(6), "channel", "unused")
+    assert seen["n"] == 6 + 3 and seen["kw"]["learning_rate"] == cli.RECIPES["channel"]["learning_rate"]
+    assert "lm_every" not in seen["kw"] and "lm_length" not in seen["kw"]  # not Trainer arguments
+    cli.train_variant(make_model("llama"), Tok(), _rows(6), "head", "unused", lm_every=0)
+    assert seen["n"] == 6
