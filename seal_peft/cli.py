@@ -656,13 +656,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="write a synthetic dataset (datasets.save_to_disk folder)")
     _model_args(g)
-    _data_args(g, samples=50, lengths="1024", seed=0)
+    _data_args(g, samples=50, lengths="2048", seed=0)
     g.add_argument("--out", required=True, help="output folder")
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train a SEAL adapter with the stock HF Trainer and save it")
     _model_args(t)
-    _data_args(t, samples=50, lengths="1024", seed=0)
+    _data_args(t, samples=50, lengths="2048", seed=0)
     t.add_argument(
         "--granularity", choices=("head", "channel"), default="head", help="head = SEAL-H, channel = SEAL-C"
     )
