@@ -154,6 +154,12 @@ def timed(fn: Callable[[], Any], device: torch.device | None = None) -> float:
     return time.perf_counter() - start
 
 
+def timed_steps(fn: Callable[[], Any], device: torch.device | None, warmup: int, steps: int) -> list[float]:
+    """Run ``fn`` ``warmup + steps`` times; the seconds of the last ``steps`` calls (see ``timed``)."""
+    times = [timed(fn, device) for _ in range(warmup + steps)]
+    return times[warmup:]
+
+
 def fmt_ratio(s: dict[str, float]) -> str:
     return f"{s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
 

@@ -43,7 +43,7 @@ from _common import (  # noqa: E402
     markdown_table,
     parse_dtype,
     summarize,
-    timed,
+    timed_steps,
     write_json,
 )
 
@@ -157,12 +157,8 @@ def run(args: argparse.Namespace) -> dict:
             optimizer.step()
             losses.append(float(loss.detach()))
 
-        times = []
         with PeakMemory(device) as mem:
-            for i in range(args.warmup + args.steps):
-                dt = timed(step, device)
-                if i >= args.warmup:
-                    times.append(dt)
+            times = timed_steps(step, device, args.warmup, args.steps)
             above = mem.peak_mib()
             total = mem.peak_bytes() / 2**20 if device.type == "cuda" else None
         s = summarize(times)

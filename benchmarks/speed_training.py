@@ -47,7 +47,7 @@ from _common import (  # noqa: E402
     parse_dtype,
     saved_for_backward_bytes,
     summarize,
-    timed,
+    timed_steps,
     write_json,
 )
 
@@ -120,12 +120,8 @@ def run_variant(spec: str, length: int, args: argparse.Namespace) -> dict:
             losses.append(float(loss.detach()))
             return out.logits.shape[-2]
 
-    times = []
     with PeakMemory(device) as mem:
-        for i in range(args.warmup + args.steps):
-            dt = timed(step, device)
-            if i >= args.warmup:
-                times.append(dt)
+        times = timed_steps(step, device, args.warmup, args.steps)
         peak = mem.peak_mib()
     saved = None
     if kind not in FORWARDS and "ckpt" not in mods:  # checkpointing hides its saved tensors from the hook
