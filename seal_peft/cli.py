@@ -112,9 +112,12 @@ def _data_args(p: argparse.ArgumentParser, *, samples: int, lengths: str, seed: 
     )
     g.add_argument(
         "--prompt-format",
-        choices=("chat", "chat_prefill", "plain"),
-        default="chat_prefill",
-        help="chat template, chat template with the answer's start pre-filled (default), or plain text",
+        choices=("longeval", "chat", "chat_prefill", "plain"),
+        default="longeval",
+        help="longeval (default): LongEval's protocol — its wording, the chat template with an empty "
+        "assistant turn, up to 100 new tokens, correct = the last integer of the reply; chat: the same "
+        "encoding with the project's earlier wording; chat_prefill: the reply pre-filled up to the "
+        "number ('... is <'); plain: no chat template (base models)",
     )
     g.add_argument(
         "--seed",
@@ -316,7 +319,7 @@ def evaluate_model(model, tok, eval_ds, lengths, name, out_dir=None, ppl_tokens=
     from .evaluation import evaluate_retrieval, perplexity
 
     result = evaluate_retrieval(
-        model, tok, eval_ds, max_new_tokens=32, progress=progress, name=name, length_bins=lengths
+        model, tok, eval_ds, progress=progress, name=name, length_bins=lengths
     )
     summary = {"name": name, "accuracy": result.accuracy, "by_length": result.accuracy_by_length(lengths)}
     if ppl_tokens:
@@ -647,7 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=["head", "channel"],
         help="which SEAL variants to train (default head,channel)",
     )
-    d.add_argument("--prompt-format", choices=("chat", "chat_prefill", "plain"), default="chat_prefill")
+    d.add_argument(
+        "--prompt-format",
+        choices=("longeval", "chat", "chat_prefill", "plain"),
+        default="longeval",
+        help="see `seal-peft eval --help` (default: LongEval's protocol)",
+    )
     d.add_argument(
         "--ppl-tokens", type=int, default=2048, help="held-out essay tokens for perplexity (0 = skip)"
     )

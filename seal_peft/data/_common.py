@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-PROMPT_FORMATS = ("chat", "chat_prefill", "plain")
+PROMPT_FORMATS = ("longeval", "chat", "chat_prefill", "plain")
 PLAIN_ANSWER_CUE = "Answer:"
 REAL_LENGTH_LIMIT = int(1e8)  # tokenizers without a limit report model_max_length ~1e30
 LENGTH_TOLERANCE = 0.03  # generators hit the requested length within +-3 %
@@ -37,6 +37,7 @@ COLUMNS = (
     "key",
     "answer",
     "target",
+    "prompt_format",
 )
 RETRIEVAL_TASKS = ("line_retrieval", "kv_retrieval")
 
@@ -47,12 +48,13 @@ class Encoded:
     labels: list[int]
     prompt_length: int
     target: str
+    prompt_format: str
 
 
 def validate_prompt_format(tokenizer: Any, prompt_format: str) -> None:
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}.")
-    if prompt_format.startswith("chat") and not getattr(tokenizer, "chat_template", None):
+    if prompt_format != "plain" and not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ValueError(
             f"prompt_format={prompt_format!r} needs a chat template, but the tokenizer {name!r} has none "
@@ -63,6 +65,9 @@ def validate_prompt_format(tokenizer: Any, prompt_format: str) -> None:
 class PromptEncoder:
     """Tokenises (user, lead, rest) samples in one prompt format.
 
+    - ``"longeval"``: LongEval's protocol. Encoded exactly like ``"chat"`` (a plain question, an empty
+      assistant turn, the whole reply supervised); the line-retrieval generator also switches to
+      LongEval's own wording and answer sentence, and evaluation to its last-integer scorer.
     - ``"chat"``: the chat template renders ``[system?, user, assistant=lead+rest]``; the prompt is the
       template with the generation prompt; labels cover the whole reply and the end-of-turn token.
     - ``"chat_prefill"``: same token sequence, but ``lead`` is part of the prompt (the assistant turn is
@@ -180,7 +185,13 @@ class PromptEncoder:
         target = self.tokenizer.decode(
             labelled, skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
-        return Encoded(input_ids=input_ids, labels=labels, prompt_length=len(prompt_ids), target=target)
+        return Encoded(
+            input_ids=input_ids,
+            labels=labels,
+            prompt_length=len(prompt_ids),
+            target=target,
+            prompt_format=self.prompt_format,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,6 +332,7 @@ def make_record(enc: Encoded, *, task: str, depth: float, key: str, answer: str)
         "key": key,
         "answer": answer,
         "target": enc.target,
+        "prompt_format": enc.prompt_format,
     }
 
 
@@ -339,6 +351,7 @@ def to_dataset(records: list[dict[str, Any]]):
             "key": Value("string"),
             "answer": Value("string"),
             "target": Value("string"),
+            "prompt_format": Value("string"),
         }
     )
     return Dataset.from_dict({c: [r[c] for r in records] for c in COLUMNS}, features=features)

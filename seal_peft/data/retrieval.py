@@ -66,8 +66,22 @@ class _Task:
     rest: Callable[[str], str]
 
 
-def _line_task() -> _Task:
+# LongEval's own wording (LongChat's ``longeval`` line-retrieval test cases) and the paper's answer sentence
+LONGEVAL_INSTRUCTION = (
+    "Below is a record of lines I want you to remember. Each line begins with 'line <line index>' and "
+    "contains a '<REGISTER_CONTENT>' at the end of the line as a numerical value. For each line index, "
+    "memorize its corresponding <REGISTER_CONTENT>. At the end of the record, I will ask you to retrieve "
+    "the corresponding <REGISTER_CONTENT> of a certain line index. Now the record start:"
+)
+
+
+def _line_task(prompt_format: str) -> _Task:
+    """Line retrieval. ``prompt_format="longeval"`` uses LongEval's header and the paper's answer sentence
+    ("The <REGISTER_CONTENT> in line x-y is 40779."); the other formats keep the project's earlier wording,
+    whose reply copies the record's ``<value>`` form."""
     adjectives, nouns = load_words()
+    longeval = prompt_format == "longeval"
+    instruction = LONGEVAL_INSTRUCTION if longeval else LINE_INSTRUCTION
 
     def new_record(rng: random.Random) -> tuple[str, str]:
         return f"{adjectives[rng.randrange(len(adjectives))]}-{nouns[rng.randrange(len(nouns))]}", str(
@@ -81,15 +95,16 @@ def _line_task() -> _Task:
         name="line_retrieval",
         new_record=new_record,
         record_text=record_text,
-        render=lambda recs: f"{LINE_INSTRUCTION}\n\n" + "".join(record_text(r) for r in recs),
+        render=lambda recs: f"{instruction}\n\n" + "".join(record_text(r) for r in recs),
         question=lambda key: (
             f"\nNow the record is over. Tell me what is the <REGISTER_CONTENT> in line {key}? I need the number."
         ),
-        # The reply copies the record's own "<value>" form, so with chat_prefill (lead in the prompt,
-        # ending in "is <") the model continues exactly as in the record: "40779>." — the setting the
-        # project's baseline numbers were measured in.
-        lead=lambda key: f"The <REGISTER_CONTENT> in line {key} is <",
-        rest=lambda value: f"{value}>.",
+        # With chat_prefill (lead in the prompt, ending in "is <") the model continues exactly as in the
+        # record: "40779>." — the setting the project's first baseline numbers were measured in.
+        lead=(lambda key: f"The <REGISTER_CONTENT> in line {key} is ")
+        if longeval
+        else (lambda key: f"The <REGISTER_CONTENT> in line {key} is <"),
+        rest=(lambda value: f"{value}.") if longeval else (lambda value: f"{value}>."),
     )
 
 
@@ -224,7 +239,7 @@ def line_retrieval(
     num_samples: int = 50,
     length: int | list[int] = 1024,
     depths: float | list[float] | None = None,
-    prompt_format: str = "chat",
+    prompt_format: str = "longeval",
     seed: int = 0,
     system_prompt: str | None = None,
     *,
@@ -240,7 +255,10 @@ def line_retrieval(
         length: total tokens per sample (prompt + answer), or a list to cycle through. Hit within +-3 %.
         depths: relative position(s) of the asked line (0 = first line, 1 = last line), cycled with
             ``sample i -> depths[(i // len(lengths)) % len(depths)]``; ``None`` = uniformly random.
-        prompt_format: ``"chat"``, ``"chat_prefill"`` or ``"plain"`` (see ``docs/data.md``).
+        prompt_format: ``"longeval"`` (default: LongEval's wording and protocol — a plain question, an
+            empty assistant turn, the reply "The <REGISTER_CONTENT> in line x-y is 40779."),
+            ``"chat"``, ``"chat_prefill"`` (reply pre-filled up to ``is <``) or ``"plain"``
+            (see ``docs/data.md``).
         seed: random seed; the same seed gives the same dataset. Use different seeds for train and eval.
         system_prompt: system message (chat formats) or text put first (plain); ``None`` keeps the chat
             template's default.
@@ -253,7 +271,7 @@ def line_retrieval(
     ``answer`` its number (``"40779"``), ``depth = index of the asked line / (number of lines - 1)``.
     """
     return _generate(
-        _line_task(),
+        _line_task(prompt_format),
         tokenizer,
         num_samples,
         length,

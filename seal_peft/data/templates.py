@@ -164,4 +164,6 @@ def _encode_plain(encoder: PromptEncoder, prompt: str, reply: str):
     labelled = answer_ids + ([encoder.eos_id] if encoder.eos_id is not None else [])
     prompt_ids = encoder.bos_prefix + prompt_ids
     target = encoder.tokenizer.decode(labelled, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return Encoded(prompt_ids + labelled, [-100] * len(prompt_ids) + labelled, len(prompt_ids), target)
+    return Encoded(
+        prompt_ids + labelled, [-100] * len(prompt_ids) + labelled, len(prompt_ids), target, "plain"
+    )

@@ -128,7 +128,12 @@ def _resolve_stop_rule(stop_rule: str | StopRule | None) -> StopRule | None:
     if callable(stop_rule):
         return stop_rule
     if stop_rule == "auto":
-        return lambda record, text: is_numeric_answer(record.get("answer")) and numeric_answer_complete(text)
+        # LongEval scores the *last* integer of the whole output: a longeval record runs to EOS / its cap
+        return lambda record, text: (
+            record.get("prompt_format") != "longeval"
+            and is_numeric_answer(record.get("answer"))
+            and numeric_answer_complete(text)
+        )
     raise ValueError(
         f"stop_rule must be 'auto', None or a callable (record, text) -> bool, got {stop_rule!r}"
     )
@@ -323,11 +328,22 @@ def greedy_generate(
     return [r if r is not None else [] for r in results]
 
 
+#: new-token caps when the caller gives none: LongEval's 100 for its protocol, 24 otherwise (enough for
+#: "The <REGISTER_CONTENT> in line x-y is N." and the shorter pre-filled replies)
+LONGEVAL_MAX_NEW_TOKENS = 100
+DEFAULT_MAX_NEW_TOKENS = 24
+
+
+def default_max_new_tokens(record: Mapping[str, Any]) -> int:
+    """The new-token cap of one record: 100 under ``prompt_format="longeval"`` (LongEval's), else 24."""
+    return LONGEVAL_MAX_NEW_TOKENS if record.get("prompt_format") == "longeval" else DEFAULT_MAX_NEW_TOKENS
+
+
 def generate_answers(
     model: torch.nn.Module,
     tokenizer: Any,
     dataset: Any,
-    max_new_tokens: int = 24,
+    max_new_tokens: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
     stop_rule: str | StopRule | None = "auto",
@@ -338,7 +354,8 @@ def generate_answers(
         model: causal LM or ``peft.PeftModel``.
         tokenizer: used to decode the new tokens (special tokens skipped) and for its EOS id.
         dataset: ``datasets.Dataset`` or sequence of dicts with ``input_ids`` and ``prompt_length``.
-        max_new_tokens: cap on new tokens; 24 covers "The <REGISTER_CONTENT> in line x-y is N.".
+        max_new_tokens: cap on new tokens for every record; ``None`` (default) uses each record's own
+            :func:`default_max_new_tokens` (LongEval's 100 under its protocol, else 24).
         batch_size: >1 batches prompts of similar length (left padded).
         progress: tqdm bar.
         stop_rule: ``"auto"`` stops a record whose ``answer`` is a number as soon as the first
@@ -356,9 +373,10 @@ def generate_answers(
     def decode(tokens: Sequence[int]) -> str:
         return tokenizer.decode(list(tokens), skip_special_tokens=True)
 
-    stop = None
-    if rule is not None:
-        stop = lambda i, toks: rule(records[i], decode(toks))  # noqa: E731
+    caps = [max_new_tokens or default_max_new_tokens(r) for r in records]
+
+    def stop(i: int, toks: list[int]) -> bool:
+        return len(toks) >= caps[i] or (rule is not None and rule(records[i], decode(toks)))
 
     eos_ids = eos_token_ids(model, tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -367,7 +385,7 @@ def generate_answers(
     tokens = greedy_generate(
         model,
         prompts,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max(caps),
         eos_token_id=sorted(eos_ids),
         stop=stop,
         batch_size=batch_size,

@@ -337,14 +337,15 @@ def score_records(
     outputs: Sequence[str],
     scorer: str | Callable[[Mapping[str, Any], str], float | bool] = "auto",
 ) -> list[float]:
-    """Score each (record, output): ``"auto"`` picks the scorer from the record's ``task``."""
+    """Score each (record, output): ``"auto"`` picks the scorer from the record's ``task`` and
+    ``prompt_format`` (:func:`~seal_peft.evaluation.scoring.default_scorer_name`)."""
     if len(records) != len(outputs):
         raise ValueError(f"got {len(records)} records but {len(outputs)} outputs; pass one output per record")
     check_fields(records, ("answer",), "scoring")
     fixed = None if scorer == "auto" else get_scorer(scorer)
     scores = []
     for record, output in zip(records, outputs):
-        fn = fixed or get_scorer(default_scorer_name(record.get("task")))
+        fn = fixed or get_scorer(default_scorer_name(record.get("task"), record.get("prompt_format")))
         scores.append(float(fn(record, output)))
     return scores
 
@@ -353,7 +354,7 @@ def evaluate_retrieval(
     model: torch.nn.Module,
     tokenizer: Any,
     dataset: Any,
-    max_new_tokens: int = 24,
+    max_new_tokens: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
     scorer: str | Callable[[Mapping[str, Any], str], float | bool] = "auto",
@@ -367,8 +368,11 @@ def evaluate_retrieval(
         model, tokenizer: the model under test (plain or ``PeftModel``) and its tokenizer.
         dataset: records with ``input_ids``, ``prompt_length``, ``answer`` and optionally ``task``,
             ``length``, ``depth``, ``key`` (what ``seal_peft.data`` produces).
-        scorer: ``"auto"`` (first-integer rule for ``line_retrieval``, word-boundary containment
-            otherwise), a name from :data:`seal_peft.evaluation.SCORERS` or a callable
+        max_new_tokens: new-token cap; ``None`` = per record (LongEval's 100 under ``prompt_format=
+            "longeval"``, else 24; see :func:`~seal_peft.evaluation.generation.default_max_new_tokens`).
+        scorer: ``"auto"`` (for ``line_retrieval``: LongEval's last-integer rule under
+            ``prompt_format="longeval"``, the first-integer rule otherwise; word-boundary containment
+            for other tasks), a name from :data:`seal_peft.evaluation.SCORERS` or a callable
             ``(record, output) -> bool | float``.
         stop_rule: see :func:`generate_answers`.
         name: label stored in the result (used by tables and plots).
@@ -403,6 +407,7 @@ def evaluate_retrieval(
                 "depth": float(record["depth"]) if record.get("depth") is not None else None,
                 "key": record.get("key"),
                 "answer": record["answer"],
+                "prompt_format": record.get("prompt_format"),
                 "output": output,
                 "correct": score >= 1.0,
                 "score": score,

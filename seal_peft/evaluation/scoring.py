@@ -3,9 +3,11 @@
 Every scorer is a pure function of strings, so it can be tested on hand-written cases and reused
 on outputs produced elsewhere (another inference engine, a saved JSON file).
 
-- :func:`first_integer_match` / :func:`score_line_retrieval`: the LongEval line-retrieval rule.
-  The answer is right iff the *first* integer in the output equals the expected number. Later
-  numbers do not rescue a wrong first number, so "line 3 is 4077" never counts as 4077.
+- :func:`last_integer_match`: LongEval's line-retrieval rule (``prompt_format="longeval"``): the
+  answer is right iff the *last* integer of the output equals the expected number.
+- :func:`first_integer_match` / :func:`score_line_retrieval`: the rule for pre-filled answers
+  (``chat_prefill`` and the project's other formats, whose reply starts with the number): right iff
+  the *first* integer equals the expected number, so "line 3 is 4077" never counts as 4077.
 - :func:`contains_answer`: the normalised expected answer occurs in the normalised output, on word
   boundaries (needle and key-value retrieval, where models wrap the value in a sentence).
 - :func:`exact_match`: normalised output equals a normalised expected answer.
@@ -25,6 +27,8 @@ __all__ = [
     "normalize_answer",
     "first_integer",
     "first_integer_match",
+    "last_integer",
+    "last_integer_match",
     "score_line_retrieval",
     "exact_match",
     "contains_answer",
@@ -79,20 +83,40 @@ def first_integer(text: str) -> int | None:
     return int(match.group()) if match else None
 
 
+def last_integer(text: str) -> int | None:
+    """The last run of ASCII digits in ``text`` as an int (``None`` if there is none)."""
+    found = _INTEGER.findall(text)
+    return int(found[-1]) if found else None
+
+
+def _expected_integer(answer: str | int) -> int:
+    expected = first_integer(str(answer))
+    if expected is None:
+        raise ValueError(
+            f"line-retrieval answer {answer!r} contains no integer; the integer rules need a numeric "
+            "answer (use scorer='contains' or 'exact_match' for text answers)"
+        )
+    return expected
+
+
+def last_integer_match(output: str, answer: str | int) -> bool:
+    """LongEval's rule: the last integer of ``output`` equals the integer in ``answer``.
+
+    ``"The <REGISTER_CONTENT> in line righteous-ethernet is 40779."`` is right for ``40779``; an output
+    that names the right number and then another one is wrong.
+    """
+    got = last_integer(output)
+    return got is not None and got == _expected_integer(answer)
+
+
 def first_integer_match(output: str, answer: str | int) -> bool:
     """Line-retrieval rule: the first integer of ``output`` equals the integer in ``answer``.
 
     ``answer`` may be a bare number (``"40779"``), a number wrapped the way the haystack writes
     it (``"<40779>"``) or a full target sentence whose first integer is the value.
     """
-    expected = first_integer(str(answer))
-    if expected is None:
-        raise ValueError(
-            f"line-retrieval answer {answer!r} contains no integer; the first-integer rule needs a numeric "
-            "answer (use scorer='contains' or 'exact_match' for text answers)"
-        )
     got = first_integer(output)
-    return got is not None and got == expected
+    return got is not None and got == _expected_integer(answer)
 
 
 def score_line_retrieval(records: Sequence[Mapping[str, Any]], outputs: Sequence[str]) -> list[bool]:
@@ -162,19 +186,23 @@ def _record_answers(record: Mapping[str, Any]) -> Any:
 
 SCORERS: dict[str, Scorer] = {
     "first_integer": lambda record, output: float(first_integer_match(output, record["answer"])),
+    "last_integer": lambda record, output: float(last_integer_match(output, record["answer"])),
     "contains": lambda record, output: float(contains_answer(output, _record_answers(record))),
     "exact_match": lambda record, output: float(exact_match(output, _record_answers(record))),
     "qa_f1": lambda record, output: qa_f1(output, _record_answers(record)),
 }
 
 
-def default_scorer_name(task: str | None) -> str:
-    """The scorer used for a task when the caller does not choose one.
+def default_scorer_name(task: str | None, prompt_format: str | None = None) -> str:
+    """The scorer used for a record when the caller does not choose one.
 
-    ``line_retrieval`` uses the first-integer rule (as LongEval does); every other task
+    ``line_retrieval`` uses LongEval's last-integer rule under ``prompt_format="longeval"`` and the
+    first-integer rule otherwise (pre-filled replies start with the number); every other task
     (``needle``, ``kv_retrieval``, ``user``, unknown) uses :func:`contains_answer`.
     """
-    return "first_integer" if task == "line_retrieval" else "contains"
+    if task != "line_retrieval":
+        return "contains"
+    return "last_integer" if prompt_format == "longeval" else "first_integer"
 
 
 def get_scorer(scorer: str | Callable[[Mapping[str, Any], str], float | bool]) -> Scorer:

@@ -15,7 +15,7 @@ from seal_peft.data import (
     load_words,
 )
 
-FORMATS = ["chat", "chat_prefill", "plain"]
+FORMATS = ["longeval", "chat", "chat_prefill", "plain"]
 
 
 def labelled(row) -> list[int]:
@@ -57,7 +57,12 @@ def test_line_retrieval_lengths_and_labels(smol_tokenizer, fmt, length):
         prompt = smol_tokenizer.decode(row["input_ids"][: row["prompt_length"]])
         assert prompt.count(f"line {key}:") == 1  # keys are unique within a sample
         assert f"Tell me what is the <REGISTER_CONTENT> in line {key}? I need the number." in prompt
-        if fmt == "chat":
+        assert row["prompt_format"] == fmt
+        if fmt == "longeval":  # LongEval's header, an empty assistant turn, the paper's answer sentence
+            assert "retrieve the corresponding <REGISTER_CONTENT> of a certain line index. Now the record start:" in prompt
+            assert row["target"] == f"The <REGISTER_CONTENT> in line {key} is {value}.<|im_end|>"
+            assert prompt.endswith("<|im_start|>assistant\n")
+        elif fmt == "chat":
             assert row["target"] == f"The <REGISTER_CONTENT> in line {key} is <{value}>.<|im_end|>"
             assert prompt.endswith("<|im_start|>assistant\n")
         elif fmt == "chat_prefill":
@@ -112,7 +117,7 @@ def test_length_list_and_depth_grid(smol_tokenizer):
         assert abs(row["depth"] - want_depth) <= 0.05
     first = ds[0]  # depth 0: the asked line is the first record line
     text = smol_tokenizer.decode(first["input_ids"])
-    assert text.split("Now the record starts:\n\n")[1].startswith(f"line {first['key']}:")
+    assert text.split("Now the record start:\n\n")[1].startswith(f"line {first['key']}:")
     last = ds[5]  # depth 1: the asked line is the last record line
     text = smol_tokenizer.decode(last["input_ids"])
     assert text.split("\n\nNow the record is over.")[0].endswith(

@@ -62,6 +62,23 @@ def test_numeric_answer_stops_after_first_integer(scripted, make_record, char_to
     assert out == ["The value is 40779. And 12 more words follow here"]
 
 
+def test_longeval_records_run_to_eos_under_their_own_cap(scripted, make_record, char_tokenizer):
+    # LongEval scores the last integer of the whole reply: no early stop after the first number, and
+    # the default cap is LongEval's 100 new tokens (24 for other records)
+    long_reply = "The value is 40779. " + "x" * 150
+    longeval = make_record("Q1?", "The value is 40779.", "40779", prompt_format="longeval")
+    prefill = make_record("Q2?", "40779.", "40779", prompt_format="chat_prefill")
+    model = scripted({"Q1?": "The value is 40779. And 12 more", "Q2?": "40779. And 12 more"})
+    assert generate_answers(model, char_tokenizer, [longeval, prefill], progress=False) == [
+        "The value is 40779. And 12 more",
+        "40779.",
+    ]
+    model = scripted({"Q1?": long_reply, "Q2?": long_reply})
+    out = generate_answers(model, char_tokenizer, [longeval, prefill], progress=False, stop_rule=None)
+    assert len(char_tokenizer(out[0], add_special_tokens=False)["input_ids"]) == 100
+    assert len(char_tokenizer(out[1], add_special_tokens=False)["input_ids"]) == 24
+
+
 def test_text_answer_runs_to_eos_and_custom_rule(scripted, make_record, char_tokenizer):
     rec = make_record("Q2?", "a red ball", "red ball", task="needle")
     model = scripted({"Q2?": "It is a red ball. Yes"})

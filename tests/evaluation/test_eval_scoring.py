@@ -10,6 +10,8 @@ from seal_peft.evaluation import (
     first_integer,
     first_integer_match,
     get_scorer,
+    last_integer,
+    last_integer_match,
     normalize_answer,
     qa_f1,
     score_line_retrieval,
@@ -76,6 +78,26 @@ def test_exact_match_and_contains():
 )
 def test_qa_f1_known_values(prediction, answers, expected):
     assert qa_f1(prediction, answers) == pytest.approx(expected)
+
+
+def test_last_integer_rule_is_longevals():
+    sentence = "The <REGISTER_CONTENT> in line righteous-ethernet is 40779."
+    assert last_integer(sentence) == 40779 and last_integer("none") is None
+    assert last_integer_match(sentence, "40779")
+    assert last_integer_match("line 3 is 40779", "40779")  # the LAST integer counts (first: 3)
+    assert not last_integer_match("40779, or maybe 12", "40779")
+    assert not last_integer_match("The record is over.", "40779")
+    assert not last_integer_match("407790", "40779")
+    with pytest.raises(ValueError, match="no integer"):
+        last_integer_match("1", "red ball")
+
+
+def test_score_records_auto_follows_the_prompt_format():
+    record = {"task": "line_retrieval", "answer": "40779"}
+    outputs = ["line 2 is 40779"]
+    assert score_records([{**record, "prompt_format": "longeval"}], outputs) == [1.0]
+    assert score_records([{**record, "prompt_format": "chat_prefill"}], outputs) == [0.0]
+    assert score_records([{**record, "prompt_format": "longeval"}], ["40779 then 5"]) == [0.0]
 
 
 def test_score_records_auto_picks_per_task():
