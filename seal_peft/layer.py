@@ -152,7 +152,9 @@ class SealLayer(BaseTunerLayer):
         return vector[:, None] if self.is_conv1d else vector[None, :]
 
     def _merge_vector(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return self.channel_scale(name).detach().to(device=weight.device, dtype=torch.float32)
+        # Always a copy: for SEAL-C (group 1) channel_scale() is the Parameter itself, and the merge state
+        # must not change when the scales do after the merge (optimizer step, load_adapter, in-place edit).
+        return self.channel_scale(name).detach().to(device=weight.device, dtype=torch.float32, copy=True)
 
     def _merged(self, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         return (weight.float() * self._weight_view_scale(vector)).to(weight.dtype)

@@ -140,15 +140,43 @@ def test_near_zero_scales_unmerge_exactly():
     torch.testing.assert_close(layer.get_base_layer().weight, weight, atol=1e-6, rtol=1e-6)
 
 
-def test_unmerge_uses_merged_values_even_if_scale_changed_after_merge():
-    model = get_peft_model(make_model("llama"), SealConfig(init_weights=False))
-    layer = seal_layers(model)[0][1]
-    weight = layer.get_base_layer().weight.detach().clone()
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def assert_ulp_close(actual, expected, ulps: float = 1.0):
+    """``|actual - expected| <= ulps * eps * |expected|`` elementwise (eps of ``expected``'s dtype)."""
+    eps = torch.finfo(expected.dtype).eps
+    err = (actual.double() - expected.double()).abs()
+    bound = ulps * eps * expected.double().abs()
+    assert bool((err <= bound).all()), f"max error {float((err - bound).max()):.3g} above {ulps} ulp"
+
+
+@pytest.mark.parametrize("granularity", ["head", "channel"])
+@pytest.mark.parametrize("change", ["in_place", "optimizer_step", "load_adapter"])
+def test_unmerge_uses_merged_values_even_if_scale_changed_after_merge(granularity, change, tmp_path):
+    """The merge state is a copy: changing the scales after a merge must not change what unmerge divides by."""
+    model = get_peft_model(make_model("llama"), SealConfig(granularity=granularity, init_weights=False))
+    other = get_peft_model(make_model("llama", seed=1), SealConfig(granularity=granularity, init_weights=False))
+    other.save_pretrained(tmp_path)
+    layers = [m for _, m in seal_layers(model)]
+    weights = [m.get_base_layer().weight.detach().clone() for m in layers]
+    scales = [m.seal_scale["default"].detach().clone() for m in layers]
     model.merge_adapter()
-    with torch.no_grad():
-        layer.seal_scale["default"].mul_(3.0)
+    if change == "in_place":
+        with torch.no_grad():
+            for m in layers:
+                m.seal_scale["default"].mul_(2.0)
+    elif change == "optimizer_step":
+        opt = torch.optim.SGD([m.seal_scale["default"] for m in layers], lr=10.0)
+        for m in layers:
+            m.seal_scale["default"].grad = torch.ones_like(m.seal_scale["default"])
+        opt.step()
+    else:
+        model.load_adapter(tmp_path, adapter_name="default")
+    assert all(not torch.equal(m.seal_scale["default"], s) for m, s in zip(layers, scales))  # really changed
     model.unmerge_adapter()
-    torch.testing.assert_close(layer.get_base_layer().weight, weight, atol=1e-6, rtol=1e-6)
+    for m, w in zip(layers, weights):
+        assert_ulp_close(m.get_base_layer().weight, w)
 
 
 def test_safe_merge_nan_raises_and_leaves_weights():
