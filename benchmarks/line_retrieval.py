@@ -1,9 +1,11 @@
 """Train one SEAL variant on generated line-retrieval data and evaluate it (or the base model).
 
-Prints and writes one JSON record: accuracy per evaluation length, held-out essay perplexity,
-training time. Used to make docs/results.md; every number there comes from a command like
+Prints and writes one JSON record: accuracy per evaluation length under each evaluation protocol
+(``--eval-formats``: LongEval's by default, beside the pre-filled one), held-out essay perplexity,
+training time, and every evaluated sample's output. Used to make docs/results.md; every number there
+comes from a command like
 
-    python benchmarks/line_retrieval.py --granularity channel --lr 2e-2 --split test --out runs/c.json
+    python benchmarks/line_retrieval.py --granularity channel --lr 2e-2 --split test --out results/c.json
 
 Settings are chosen on the ``dev`` split (eval seed 500) and reported on the ``test`` split (eval
 seed 1000); training data uses seed 0 and the evaluation sets exclude its keys and values.
@@ -48,7 +50,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-lengths", default="512,1024,2048,4096")
     p.add_argument("--eval-samples", type=int, default=40)
     p.add_argument("--split", default="dev", choices=sorted(EVAL_SEEDS))
-    p.add_argument("--prompt-format", default="chat_prefill", choices=["chat", "chat_prefill", "plain"])
+    p.add_argument(
+        "--prompt-format",
+        default="longeval",
+        choices=["longeval", "chat", "chat_prefill", "plain"],
+        help="format of the training samples (default: LongEval's protocol)",
+    )
+    p.add_argument(
+        "--eval-formats",
+        default="longeval,chat_prefill",
+        help="evaluation protocols, comma-separated (default: LongEval's and the pre-filled one)",
+    )
+    p.add_argument(
+        "--eval-samples-per-format",
+        default=None,
+        help="samples per length for each of --eval-formats, comma-separated (default: --eval-samples)",
+    )
     p.add_argument("--ppl-tokens", type=int, default=2048, help="held-out essay tokens for perplexity")
     p.add_argument(
         "--ood-ppl-tokens",
@@ -90,19 +107,28 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         progress=False,
     )
-    eval_ds = (
-        line_retrieval(
+    eval_formats = [f for f in args.eval_formats.split(",") if f]
+    per_format = (
+        [int(x) for x in args.eval_samples_per_format.split(",")]
+        if args.eval_samples_per_format
+        else [args.eval_samples] * len(eval_formats)
+    )
+    if len(per_format) != len(eval_formats):
+        raise SystemExit("--eval-samples-per-format needs one number per --eval-formats entry")
+    # the same seed for every protocol: the same records (keys, values, depths) asked in each format
+    eval_sets = {
+        fmt: line_retrieval(
             tok,
-            args.eval_samples * len(eval_lengths),
+            n * len(eval_lengths),
             eval_lengths,
-            prompt_format=args.prompt_format,
+            prompt_format=fmt,
             seed=EVAL_SEEDS[args.split],
             exclude=train_ds,
             progress=False,
         )
-        if args.eval_samples
-        else None
-    )
+        for fmt, n in zip(eval_formats, per_format)
+        if n
+    }
     if args.adapter:
         model = seal_peft.from_pretrained(model, args.adapter)
         record["adapter"] = args.adapter
@@ -138,18 +164,24 @@ def main(argv: list[str] | None = None) -> dict:
         if args.save_adapter:
             model.save_pretrained(args.save_adapter)
     t0 = time.time()
-    if args.eval_samples:
-        result = evaluate_retrieval(
-            model, tok, eval_ds, max_new_tokens=32, progress=False, length_bins=eval_lengths
-        )
-        record["accuracy"] = {str(k): v for k, v in result.accuracy_by_length(eval_lengths).items()}
+    if eval_sets:
+        record["accuracy"], record["n_per_length"], record["samples"] = {}, {}, {}
+    for fmt, eval_ds in eval_sets.items():
+        result = evaluate_retrieval(model, tok, eval_ds, progress=False, length_bins=eval_lengths)
+        record["accuracy"][fmt] = {str(k): v for k, v in result.accuracy_by_length(eval_lengths).items()}
+        record["n_per_length"][fmt] = {str(k): v for k, v in result.counts_by_length(eval_lengths).items()}
+        record["samples"][fmt] = [
+            {k: row[k] for k in ("length", "depth", "key", "answer", "output", "correct")}
+            for row in result.rows
+        ]
+        print(json.dumps({fmt: record["accuracy"][fmt]}), file=sys.stderr, flush=True)
     record["eval_seconds"] = round(time.time() - t0, 1)
     text = heldout_text(tok, args.ppl_tokens, seed=0)
     record["ppl"] = perplexity(model, tok, text, max_length=args.ppl_tokens)
     if args.ood_ppl_tokens:
         ood = reference_docs_text(tok, args.ood_ppl_tokens)
         record["ppl_ood"] = perplexity(model, tok, ood, max_length=args.ood_ppl_tokens)
-    print(json.dumps(record), flush=True)
+    print(json.dumps({k: v for k, v in record.items() if k != "samples"}), flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -238,7 +238,12 @@ def test_line_retrieval_benchmark_small(tmp_path):
         + ["--lm-length", "64", "--save-adapter", str(tmp_path / "a"), "--out", str(out)]
         + common
     )
-    assert json.loads(out.read_text())["accuracy"] == rec["accuracy"] and set(rec["accuracy"]) == {"256"}
+    saved = json.loads(out.read_text())
+    assert saved["accuracy"] == rec["accuracy"] and set(rec["accuracy"]) == {"longeval", "chat_prefill"}
+    assert all(set(acc) == {"256"} for acc in rec["accuracy"].values())
+    # both protocols ask the same records; every evaluated sample's output is in the record
+    by_format = [[(r["key"], r["answer"]) for r in saved["samples"][f]] for f in ("longeval", "chat_prefill")]
+    assert by_format[0] == by_format[1] and len(by_format[0]) == 1
     assert rec["scales"]["max"] > 1.0 > rec["scales"]["min"]  # 4 steps (2 retrieval + 2 LM) moved them
     assert rec["ppl"] > 1 and rec["ppl_ood"] > 1
     again = bench.main(["--adapter", str(tmp_path / "a"), "--eval-samples", "0"] + common)
