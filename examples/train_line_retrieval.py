@@ -22,7 +22,7 @@ from transformers import Trainer
 import seal_peft
 from seal_peft.data import line_retrieval
 from seal_peft.evaluation import evaluate_retrieval
-from seal_peft.models import load_model
+from seal_peft.models import input_device, load_model
 from seal_peft.training import SealDataCollator, seal_loss, seal_training_arguments
 
 parser = argparse.ArgumentParser()
@@ -95,7 +95,8 @@ if args.eval_samples > 0:
 
 if not args.no_merge:
     # fold the scales into o_proj: a plain transformers model with no extra cost at inference
-    ids = torch.tensor([train[0]["input_ids"][: train[0]["prompt_length"]]])
+    # the Trainer moved the model to the GPU if there is one: the inputs go where the model is
+    ids = torch.tensor([train[0]["input_ids"][: train[0]["prompt_length"]]], device=input_device(model))
     model.eval()
     with torch.no_grad():
         before = model(input_ids=ids).logits

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 TASKS = ("line", "kv", "needle")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device_map
 
 # Recommended SEAL settings for the embedded model, chosen on the dev split (docs/results.md): 50
 # samples at 2K tokens, one 512-token essay LM window after every 2 samples (keeps perplexity at base).
@@ -141,6 +142,44 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _device_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="where the model runs: auto (default: CUDA when available, else the CPU), cpu, cuda, cuda:N",
+    )
+    g.add_argument(
+        "--device-map",
+        default=None,
+        choices=DEVICE_MAP_STRATEGIES,
+        help="spread a model too large for one device over all of them (transformers' device_map; needs "
+        "accelerate); instead of --device",
+    )
+
+
+def _placement(args) -> dict[str, Any]:
+    """``load_model`` keywords for ``--device`` / ``--device-map``: one device, or transformers' device_map."""
+    from .models import resolve_device
+
+    if getattr(args, "device_map", None):
+        return {"device_map": args.device_map}
+    return {"device": resolve_device(getattr(args, "device", None))}
+
+
+def _load_model(args, dtype):
+    """The model of ``--model`` with dtype ``dtype``, placed as ``--device`` / ``--device-map`` say."""
+    from .models import load_model
+
+    return load_model(args.model, dtype=dtype, **_placement(args))
+
+
+def _on_cpu(model) -> bool:
+    from .models import input_device
+
+    return input_device(model).type == "cpu" and not getattr(model, "hf_device_map", None)
+
+
 def _extend_arg(p: argparse.ArgumentParser, note: str) -> None:
     p.add_argument(
         "--extend",
@@ -225,12 +264,14 @@ def train_variant(
     progress=True,
     lm_every=None,
     lm_length=None,
+    **trainer_overrides,
 ):
     """Wrap ``model`` with SEAL and train it with the recipe for ``granularity``; returns the PeftModel.
 
     ``lm_every > 0`` inserts one plain-text LM window of ``lm_length`` tokens (training essays) after
     every ``lm_every`` retrieval samples (``seal_peft.training.add_lm_samples``). Arguments left at
-    ``None`` take the recipe's value.
+    ``None`` take the recipe's value; ``trainer_overrides`` go to ``TrainingArguments``. A model on
+    the CPU trains on the CPU (the Trainer would otherwise move it to a GPU).
     """
     from peft import get_peft_model
 
@@ -259,15 +300,15 @@ def train_variant(
         seed=seed,
         progress=progress,
         gradient_checkpointing=gradient_checkpointing,
+        **({"use_cpu": True} if _on_cpu(model) else {}),
         **recipe,
+        **trainer_overrides,
     )
     return peft_model
 
 
 def cmd_train(args) -> int:
-    from .models import load_model
-
-    model, tok = load_model(args.model, dtype=resolve_dtype(args.dtype))
+    model, tok = _load_model(args, resolve_dtype(args.dtype))
     _apply_extend(model, tok, args.extend)
     ds = _dataset_from_args(args, tok)
     t0 = time.time()
@@ -299,11 +340,11 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_with_adapter(model_name, adapter, merge, dtype="auto", extend=None):
+def _load_with_adapter(model_name, adapter, merge, dtype="auto", extend=None, placement=None):
     from .extension import from_pretrained  # applies the extension recorded with the adapter
     from .models import load_model
 
-    model, tok = load_model(model_name, dtype=resolve_dtype(dtype))
+    model, tok = load_model(model_name, dtype=resolve_dtype(dtype), **(placement or {}))
     _apply_extend(model, tok, extend)
     if adapter:
         model = from_pretrained(model, adapter)
@@ -335,7 +376,9 @@ def evaluate_model(model, tok, eval_ds, lengths, name, out_dir=None, ppl_tokens=
 def cmd_eval(args) -> int:
     from .evaluation import plot_accuracy_vs_length
 
-    model, tok = _load_with_adapter(args.model, args.adapter, args.merge, args.dtype, args.extend)
+    model, tok = _load_with_adapter(
+        args.model, args.adapter, args.merge, args.dtype, args.extend, placement=_placement(args)
+    )
     ds = _dataset_from_args(args, tok)
     name = args.name or ("base" if not args.adapter else os.path.basename(os.path.normpath(args.adapter)))
     s = evaluate_model(model, tok, ds, args.lengths, name, args.out, args.ppl_tokens, progress=not args.quiet)
@@ -372,7 +415,6 @@ def cmd_analyze(args) -> int:
     import torch
 
     from . import analysis as an
-    from .models import load_model
 
     progress = not args.quiet
     if args.perturb_with_adapter and not args.adapter:
@@ -381,9 +423,7 @@ def cmd_analyze(args) -> int:
         )
     os.makedirs(args.out, exist_ok=True)
     # gradients and small log-likelihood differences: full precision unless asked otherwise
-    model, tok = load_model(
-        args.model, dtype=torch.float32 if args.dtype == "auto" else resolve_dtype(args.dtype)
-    )
+    model, tok = _load_model(args, torch.float32 if args.dtype == "auto" else resolve_dtype(args.dtype))
     ds = None
     if args.attribution:
         attr = an.HeadAttribution.from_json(args.attribution)
@@ -492,15 +532,17 @@ def cmd_demo(args) -> int:
 
     from .evaluation import plot_accuracy_vs_length
     from .loading import from_pretrained
-    from .models import load_model
+    from .models import input_device
 
     t_start = time.time()
     progress = not args.quiet
     dtype = resolve_dtype(args.dtype)
     os.makedirs(args.out, exist_ok=True)
-    model, tok = load_model(args.model, dtype=dtype)
+    model, tok = _load_model(args, dtype)
+    where = f"device map {args.device_map}" if args.device_map else str(input_device(model))
     _log(
-        f"[demo] model: {args.model or 'embedded SmolLM2-135M-Instruct'} ({str(dtype).replace('torch.', '')}); "
+        f"[demo] model: {args.model or 'embedded SmolLM2-135M-Instruct'} ({str(dtype).replace('torch.', '')}, "
+        f"{where}); "
         f"output: {args.out}",
         args.quiet,
     )
@@ -548,7 +590,7 @@ def cmd_demo(args) -> int:
     checks = {}
     for granularity in args.granularities:
         label = f"SEAL-{granularity[0].upper()}"
-        base, _ = load_model(args.model, dtype=dtype)
+        base, _ = _load_model(args, dtype)
         t0 = time.time()
         _log(f"[demo] training {label} ({RECIPES[granularity]}) ...", args.quiet)
         peft_model = train_variant(
@@ -581,9 +623,10 @@ def cmd_demo(args) -> int:
         summaries.append(s)
         del peft_model, base
         # merged == unmerged, checked in fp32 on a real evaluation prompt with the saved adapter
-        fp32, _ = load_model(args.model, dtype=torch.float32)
+        fp32, _ = _load_model(args, torch.float32)
         reloaded = from_pretrained(fp32, adapter_dir)
-        ids = torch.tensor([eval_ds[0]["input_ids"][: eval_ds[0]["prompt_length"]]])
+        prompt = eval_ds[0]["input_ids"][: eval_ds[0]["prompt_length"]]
+        ids = torch.tensor([prompt], device=input_device(fp32))
         with torch.no_grad():
             unmerged = reloaded(input_ids=ids, logits_to_keep=16).logits
             merged_model = reloaded.merge_and_unload(safe_merge=True)
@@ -633,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the whole loop on the embedded model: base eval, train SEAL-H/C, eval, merge"
     )
     _model_args(d)
+    _device_args(d)
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     d.add_argument(
         "--lengths", type=_ints, default=[512, 1024, 2048], help="evaluation lengths (default 512,1024,2048)"
@@ -670,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a SEAL adapter with the stock HF Trainer and save it")
     _model_args(t)
+    _device_args(t)
     _data_args(t, samples=50, lengths="2048", seed=0)
     t.add_argument(
         "--granularity", choices=("head", "channel"), default="head", help="head = SEAL-H, channel = SEAL-C"
@@ -706,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="retrieval accuracy by length (+ held-out perplexity), records and a plot"
     )
     _model_args(e)
+    _device_args(e)
     _data_args(e, samples=40, lengths="512,1024,2048", seed=1000)
     e.add_argument("--adapter", default=None, help="SEAL adapter folder (default: evaluate the base model)")
     e.add_argument("--merge", action="store_true", help="merge the adapter before evaluating")
@@ -729,6 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
         "analyze", help="per-head retrieval attribution, perturbation check, learned scales: records + plots"
     )
     _model_args(a)
+    _device_args(a)
     _data_args(a, samples=20, lengths="1024", seed=2000)
     a.add_argument("--adapter", default=None, help="a SEAL adapter folder whose learned scales to compare")
     a.add_argument(

@@ -42,9 +42,11 @@ __all__ = [
     "EmbeddedModel",
     "default_cache_dir",
     "embedded_model_path",
+    "input_device",
     "is_embedded",
     "load_model",
     "load_tokenizer",
+    "resolve_device",
 ]
 
 CACHE_ENV = "SEAL_PEFT_CACHE"
@@ -379,12 +381,80 @@ def load_tokenizer(
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# device placement
+# --------------------------------------------------------------------------------------------------
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device a model should run on: ``None`` / ``"auto"`` = CUDA when available, else the CPU;
+    anything else (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` ...) is checked and returned.
+
+    Raises ``SealUsageError`` (a ``ValueError``) naming the bad value and the devices this machine has.
+    """
+    from .errors import SealUsageError
+
+    cuda = torch.cuda.is_available()
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda") if cuda else torch.device("cpu")
+    try:
+        resolved = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SealUsageError(
+            f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N."
+        ) from None
+    if resolved.type == "cuda":
+        if not cuda:
+            raise SealUsageError(
+                f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}); "
+                "use --device cpu, or install a CUDA build of torch."
+            )
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise SealUsageError(
+                f"device {device!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})."
+            )
+    elif resolved.type == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise SealUsageError(f"device {device!r}: MPS is not available on this machine; use --device cpu.")
+    return resolved
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs (token ids, masks, positions) belong: the device of its input embeddings.
+
+    For a model on one device that is its device; for a model split over several devices
+    (``device_map=``) it is the device of the first layer. Works for ``PeftModel`` too.
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            embeddings = get()
+        except (AttributeError, NotImplementedError):
+            embeddings = None
+        weight = getattr(embeddings, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight.device
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
     dtype: torch.dtype | str = torch.float32,
     cache_dir: str | os.PathLike | None = None,
     tokenizer_kwargs: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
     **kwargs: Any,
 ):
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` with the model in eval mode.
@@ -398,13 +468,32 @@ def load_model(
             ``$SEAL_PEFT_CACHE/models`` or ``~/.cache/seal_peft/models``); for Hub ids it is passed to
             ``from_pretrained`` as its download cache.
         tokenizer_kwargs: extra keyword arguments for ``AutoTokenizer.from_pretrained``.
+        device: move the loaded model there (checked by :func:`resolve_device`; ``"auto"`` = CUDA
+            when available). ``None`` (default) leaves it where ``from_pretrained`` puts it (the CPU).
+        device_map: passed to ``from_pretrained`` to spread a model that does not fit one device
+            over several (``"auto"``, ``"balanced"``, ``"sequential"``, or a dict; needs
+            ``accelerate``). Not together with ``device``.
         **kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``attn_implementation``,
-            ``device_map``, ``revision``...). ``revision``, ``trust_remote_code``, ``token``,
-            ``local_files_only`` and ``subfolder`` are passed to the tokenizer too.
+            ``revision``...). ``revision``, ``trust_remote_code``, ``token``, ``local_files_only`` and
+            ``subfolder`` are passed to the tokenizer too.
 
     The tokenizer gets ``pad_token = eos_token`` when it has no pad token.
     """
     from transformers import AutoModelForCausalLM
+
+    from .errors import SealUsageError
+
+    if device is not None and device_map is not None:
+        raise SealUsageError(
+            f"pass device={device!r} or device_map={device_map!r}, not both: device_map places the model itself."
+        )
+    target = resolve_device(device) if device is not None else None
+    if device_map is not None:
+        if importlib.util.find_spec("accelerate") is None:
+            raise SealUsageError(
+                f"device_map={device_map!r} needs the `accelerate` package: pip install accelerate."
+            )
+        kwargs["device_map"] = device_map
 
     tok_kwargs = {k: kwargs[k] for k in _SHARED_KWARGS if k in kwargs}
     tok_kwargs.update(tokenizer_kwargs or {})
@@ -419,5 +508,7 @@ def load_model(
             model_kwargs.setdefault("cache_dir", cache_dir)
             tok_kwargs.setdefault("cache_dir", cache_dir)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **model_kwargs)
+    if target is not None:
+        model = model.to(target)
     tokenizer = load_tokenizer(source, **tok_kwargs)
     return model.eval(), tokenizer

@@ -234,3 +234,60 @@ def test_real_embedded_model(tmp_path, monkeypatch):
     from transformers import Trainer, TrainingArguments
 
     Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True))
+
+
+# ---------------------------------------------------------------------------------------- device placement
+def test_resolve_device_defaults_to_cuda_only_when_available(monkeypatch):
+    from seal_peft.errors import SealUsageError
+    from seal_peft.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(SealUsageError, match="CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(SealUsageError, match="not a torch device"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(None) == resolve_device("auto") == torch.device("cuda")  # nothing is moved
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(SealUsageError, match=r"2 CUDA device\(s\)"):
+        resolve_device("cuda:2")
+
+
+class _Recorded(torch.nn.Module):
+    """What ``from_pretrained`` returns in the placement tests: records ``.to()`` instead of moving."""
+
+    def __init__(self):
+        super().__init__()
+        self.moved_to = []
+
+    def to(self, *args, **kwargs):
+        self.moved_to.append(args[0] if args else kwargs.get("device"))
+        return self
+
+
+def test_load_model_moves_to_device_or_passes_device_map(tmp_path, monkeypatch):
+    import transformers
+
+    from seal_peft.errors import SealUsageError
+
+    _char_tokenizer().save_pretrained(tmp_path)
+    seen = {}
+
+    def fake_from_pretrained(source, **kwargs):
+        seen.update(kwargs)
+        return _Recorded()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    model, _ = load_model(tmp_path)
+    assert model.moved_to == [] and "device_map" not in seen  # the library default: left where loaded
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model, _ = load_model(tmp_path, device="auto")
+    assert model.moved_to == [torch.device("cuda")]
+    seen.clear()
+    model, _ = load_model(tmp_path, device_map="auto", dtype=torch.bfloat16)
+    assert seen["device_map"] == "auto" and seen["dtype"] == torch.bfloat16 and model.moved_to == []
+    with pytest.raises(SealUsageError, match="not both"):
+        load_model(tmp_path, device="cpu", device_map="auto")

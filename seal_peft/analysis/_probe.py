@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import SealConfig
 from ..layer import SealLayer
+from ..models import input_device
 
 PROBE = "seal_probe"
 
@@ -101,7 +102,7 @@ def prepare(records: Sequence[Mapping[str, Any]], tokenizer: Any, device: torch.
         out.append(
             Prepared(
                 input_ids=ids[None].to(device),
-                labels=labels.to(device),
+                labels=labels,  # moved to the logits' device by answer_loss (device_map: the last layer's)
                 keep=len(ids) - first + 1,
                 acc_count=_accuracy_count(r, supervised, tokenizer),
             )
@@ -131,7 +132,7 @@ def answer_loss(logits: torch.Tensor, sample: Prepared) -> tuple[torch.Tensor, b
     pred = logits[0, :-1]
     if pred.dtype != torch.float64:
         pred = pred.float()  # fp16/bf16 logits: the loss in fp32
-    target = sample.labels[n - k + 1 :]
+    target = sample.labels[n - k + 1 :].to(pred.device)
     mask = target != -100
     nll = nn.functional.cross_entropy(pred[mask], target[mask])
     hits = pred[mask].argmax(-1) == target[mask]
@@ -249,7 +250,7 @@ class SealProbe:
             p.requires_grad_(True)
         self.peft_model.eval()
         self.use_keep = accepts_logits_to_keep(self.peft_model)
-        self.device = self.params[0].device
+        self.device = input_device(self.peft_model)  # where the inputs go (device_map: the first layer)
 
     # -- scales
     def reset(self) -> None:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models import input_device
 from ._probe import Head, PrefixReuse, SealProbe, answer_loss, as_record_list, forward_logits, prepare
 from .attribution import HeadAttribution, spearman
 
@@ -229,7 +230,7 @@ def answer_scores(
     from ._probe import accepts_logits_to_keep
 
     records = as_record_list(data)
-    device = next(model.parameters()).device
+    device = input_device(model)
     use_keep = accepts_logits_to_keep(model)
     was_training = model.training
     model.eval()

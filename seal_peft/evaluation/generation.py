@@ -169,10 +169,10 @@ def _output_cache(output: Any) -> Any:
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
+    """Where the inputs go: the device of the input embeddings (``seal_peft.models.input_device``)."""
+    from ..models import input_device
+
+    return input_device(model)
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer: Any = None) -> set[int]:
@@ -243,7 +243,7 @@ def _greedy_batch(
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
         out = model(
-            input_ids=next_tokens[:, None],
+            input_ids=next_tokens[:, None].to(device),  # the logits may sit on another device (device_map)
             attention_mask=attention_mask,
             position_ids=next_position,
             use_cache=True,
