@@ -564,23 +564,31 @@ def _record_from(config: Any) -> dict[str, Any] | None:
         return None
     if isinstance(config, (str, os.PathLike)):
         path = os.fspath(config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "adapter_config.json")
+        if os.path.isdir(path):  # an adapter folder, or a merged checkpoint (config.json: seal_extension)
+            adapter = os.path.join(path, "adapter_config.json")
+            path = adapter if os.path.isfile(adapter) else os.path.join(path, "config.json")
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     if isinstance(config, Mapping) and "method" in config:
-        return dict(config)
-    if isinstance(config, Mapping):
-        return config.get("extension")
-    return getattr(config, "extension", None)
+        record = config
+    elif isinstance(config, Mapping):
+        record = config.get("extension") or config.get("seal_extension")
+    else:  # a SealConfig (extension) or a transformers config (seal_extension)
+        record = getattr(config, "extension", None) or getattr(config, "seal_extension", None)
+    if not isinstance(record, Mapping):
+        return None
+    return {k: v for k, v in record.items() if k != "native_max_position_embeddings"}
 
 
 def apply_from_config(model: nn.Module, config: Any) -> nn.Module:
     """Apply the extension recorded in ``config`` to ``model``; returns ``model``.
 
-    ``config``: a ``SealConfig``, an adapter folder or its ``adapter_config.json``, a config dict, or
-    the extension record itself (``{"method": "ntk", "factor": 2.0}``). No record: nothing happens.
-    Call it on the base model *before* loading the adapter (or use :func:`from_pretrained`).
+    ``config``: a ``SealConfig``, an adapter folder or its ``adapter_config.json``, a config dict, the
+    extension record itself (``{"method": "ntk", "factor": 2.0}``), or a merged checkpoint (its folder,
+    ``config.json`` or transformers config: the ``seal_extension`` entry ``seal-peft merge`` writes). No
+    record: nothing happens. Call it on the base model *before* loading the adapter (or use
+    :func:`from_pretrained`); on a merged checkpoint loaded with plain transformers it re-applies
+    Self-Extend (the RoPE methods are already in its config, so for them it is a no-op).
     """
     record = _record_from(config)
     if record is None:

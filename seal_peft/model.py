@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Any
 
@@ -130,6 +131,7 @@ class SealModel(BaseTuner):
                 f"save other adapters' weights incompletely. Choose another adapter name (e.g. 'seal_{adapter_name}')."
             )
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        _warn_if_extension_missing(model, self.peft_config[adapter_name], adapter_name)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
@@ -304,6 +306,40 @@ class SealModel(BaseTuner):
                     f"diverged. Retrain it or use an earlier checkpoint."
                 )
         return remapped
+
+
+def _warn_if_extension_missing(model: nn.Module, config: SealConfig, adapter_name: str) -> None:
+    """Warn when an adapter trained under a context extension lands on a model without that extension.
+
+    The plain loaders (``PeftModel.from_pretrained``, ``seal_peft.from_pretrained``) load the scales
+    but do not extend the model; seal_peft.extension applies the recorded extension first.
+    """
+    record = getattr(config, "extension", None)
+    if not isinstance(record, dict):
+        return
+    text_config = _text_config(model)
+    applied = getattr(text_config, "seal_extension", None)
+    if isinstance(applied, dict):
+        applied = {k: v for k, v in applied.items() if k != "native_max_position_embeddings"}
+    else:
+        applied = None
+    self_extend_on = str(getattr(text_config, "_attn_implementation", "")).startswith("seal_self_extend")
+    if applied == record and (record.get("method") != "self_extend" or self_extend_on):
+        return
+    if applied is None:
+        have = "no context extension"
+    elif applied == record:
+        have = "it recorded in its config but Self-Extend attention is not active"
+    else:
+        have = f"another extension ({applied})"
+    warnings.warn(
+        f"SEAL adapter {adapter_name!r} was trained under the context extension {record['method']!r} ({record}), "
+        f"but the model it is loaded onto has {have}: the scales were learned for the extended positions. "
+        f"Load it with seal_peft.extension.from_pretrained(model, path), or call "
+        f"seal_peft.extension.apply_from_config(model, path) on a fresh base model before loading.",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 # `PeftModel.push_to_hub` (transformers' mixin) replaces PEFT's model card with a generic transformers one;

@@ -99,3 +99,72 @@ def test_python_merge_path_loads_without_seal_peft(tmp_path):
     _load_without_seal(tmp_path / "merged", tmp_path / "child.pt", cwd=tmp_path)
     child = torch.load(tmp_path / "child.pt")
     torch.testing.assert_close(child["logits"], _unmerged_logits(base, adapter, child["ids"]), rtol=1e-5, atol=1e-5)
+
+
+def _extended_adapter(tmp_path: Path, method: str, **opts) -> tuple[Path, Path]:
+    from seal_peft.extension import extend_context
+
+    base = tiny_checkpoint(tmp_path / "base")
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), SealConfig(init_weights=False))
+    extend_context(model, method, **opts)  # recorded in the adapter config
+    model.save_pretrained(tmp_path / "adapter")
+    return base, tmp_path / "adapter"
+
+
+def _extended_unmerged_logits(base: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
+    from seal_peft.extension import from_pretrained
+
+    model = from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("method", ["ntk", "yarn", "dynamic_ntk"])
+def test_cli_merge_carries_rope_extension(tmp_path, method):
+    """A RoPE extension is config values: the merged config.json has them, plain transformers applies them."""
+    base, adapter = _extended_adapter(tmp_path, method, factor=2)
+    merged = tmp_path / "merged"
+    assert cli_main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(merged), "--quiet"]) == 0
+    config = json.loads((merged / "config.json").read_text())
+    record = json.loads((adapter / "adapter_config.json").read_text())["extension"]
+    assert config["seal_extension"] == {**record, "native_max_position_embeddings": 2048}
+    rope = config["rope_parameters"]
+    if method == "ntk":
+        assert rope["rope_type"] == "default" and rope["rope_theta"] > 10000.0
+    else:
+        assert rope["rope_type"] == {"yarn": "yarn", "dynamic_ntk": "dynamic"}[method] and rope["factor"] == 2.0
+    assert config["max_position_embeddings"] == (2048 if method == "dynamic_ntk" else 4096)
+
+    _load_without_seal(merged, tmp_path / "child.pt", cwd=tmp_path)
+    child = torch.load(tmp_path / "child.pt")
+    expected = _extended_unmerged_logits(base, adapter, child["ids"])
+    torch.testing.assert_close(child["logits"], expected, rtol=1e-5, atol=1e-5)
+    if method != "dynamic_ntk":  # (dynamic NTK is the plain RoPE inside the native window)
+        unextended = _unmerged_logits(base, adapter, child["ids"])
+        assert (unextended - expected).abs().max() > 1e-4  # 10x the tolerance above: the extension shows
+
+
+def test_cli_merge_self_extend_warns_and_records_it(tmp_path):
+    """Self-Extend is an attention implementation: recorded in config.json, re-applied by seal_peft."""
+    from seal_peft.extension import apply_from_config, self_extend_states
+
+    base, adapter = _extended_adapter(tmp_path, "self_extend", factor=4, window=16)
+    merged = tmp_path / "merged"
+    with pytest.warns(UserWarning, match=r"Self-Extend.*apply_from_config"):
+        assert cli_main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(merged),
+                         "--quiet"]) == 0
+    config = json.loads((merged / "config.json").read_text())
+    assert config["seal_extension"] == {"method": "self_extend", "factor": 4, "window": 16,
+                                        "native_max_position_embeddings": 2048}
+    assert config["rope_parameters"] == {"rope_theta": 10000.0, "rope_type": "default"}
+    ids = torch.randint(0, 300, (1, 80), generator=torch.Generator().manual_seed(0))  # > window: grouped path
+    expected = _extended_unmerged_logits(base, adapter, ids)
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert self_extend_states(plain) == []
+    with torch.no_grad():
+        # plain transformers: no Self-Extend (tiny model, so small logit changes; 10x the tolerance below)
+        assert (plain(input_ids=ids).logits - expected).abs().max() > 1e-4
+        apply_from_config(plain, merged)  # the record in config.json
+        assert len(self_extend_states(plain)) == 2
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)

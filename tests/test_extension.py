@@ -249,6 +249,39 @@ def test_extension_round_trips_with_adapter(tmp_path, method, factor, opts):
     apply_from_config(_model("llama"), seal_peft.SealConfig())  # no record: nothing to do
 
 
+def _our_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "seal_peft.extension.from_pretrained" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "method, factor, opts",
+    [("ntk", 2, {}), ("self_extend", 4, {"window": WINDOW})],
+)
+def test_plain_load_of_extended_adapter_warns(tmp_path, method, factor, opts):
+    """The plain loaders load the scales onto an unextended model: they must say so (and the right ones not)."""
+    import warnings
+
+    from peft import PeftModel
+
+    peft_model = get_peft_model(_model("llama"), seal_peft.SealConfig(init_weights=False))
+    extend_context(peft_model, method, factor=factor, **opts)
+    seal_peft.save_adapter(peft_model, tmp_path / "a")
+    for load in (PeftModel.from_pretrained, seal_peft.from_pretrained):
+        with pytest.warns(UserWarning, match=rf"'{method}'.*apply_from_config") as record:
+            load(_model("llama"), tmp_path / "a")
+        assert any("seal_peft.extension.from_pretrained" in m for m in _our_warnings(record))
+    other = extend_context(_model("llama"), "yarn", factor=2)  # a different extension: also a mismatch
+    with pytest.warns(UserWarning, match="yarn"):
+        PeftModel.from_pretrained(other, tmp_path / "a")
+    # the loaders that apply the extension, and wrapping an extended model, stay quiet
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        from_pretrained(_model("llama"), tmp_path / "a")
+        seal_peft.from_pretrained(apply_from_config(_model("llama"), tmp_path / "a"), tmp_path / "a")
+        get_peft_model(extend_context(_model("llama"), method, factor=factor, **opts), seal_peft.SealConfig())
+    assert _our_warnings(record) == []
+
+
 def test_cli_extend_option(tmp_path):
     from seal_peft.cli import _apply_extend, build_parser
 
