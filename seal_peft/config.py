@@ -129,6 +129,19 @@ class SealConfig(PeftConfig):
             )
         },
     )
+    exact_unmerge: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "True: while this adapter is merged into a bf16/fp16 weight, keep a copy of the original "
+                "weight so that unmerge_adapter() (and disable_adapter() on a merged model) restores it "
+                "bit-exactly. Costs one extra copy of each adapted projection's weight, only while merged and "
+                "only for half-precision weights; merge_and_unload() never keeps it. fp32/fp64 weights are "
+                "restored by division (within one ulp) and need no copy. False: divide in half precision "
+                "too (each merge/unmerge cycle may round every weight by up to one ulp)."
+            )
+        },
+    )
     modules_to_save: list[str] | None = field(
         default=None,
         metadata={
@@ -167,6 +180,8 @@ class SealConfig(PeftConfig):
                 )
         if not isinstance(self.init_weights, bool):
             raise TypeError(f"SealConfig.init_weights must be True or False, got {self.init_weights!r}.")
+        if not isinstance(self.exact_unmerge, bool):
+            raise TypeError(f"SealConfig.exact_unmerge must be True or False, got {self.exact_unmerge!r}.")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set)):

@@ -20,6 +20,14 @@ from transformers.pytorch_utils import Conv1D
 # Channels whose merged scale is smaller than this (in absolute value) cannot be restored accurately
 # by division; their original weight values are kept aside at merge time and put back on unmerge.
 UNMERGE_EPS = 1e-2
+# Weight dtypes whose merge -> unmerge by division would round visibly (~1/2 ulp per cycle): with
+# exact_unmerge (the default) the original weight is copied at merge time and put back on unmerge.
+COPY_ON_MERGE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Merge arithmetic runs in fp32, or fp64 for fp64 weights (fp32 would round them)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 class SealLayer(BaseTunerLayer):
@@ -28,19 +36,31 @@ class SealLayer(BaseTunerLayer):
     Attributes:
         seal_scale: ``ParameterDict`` adapter name -> 1-D scale of length ``in_features // group``.
         seal_group: adapter name -> channels per scale (``head_dim`` for SEAL-H, 1 for SEAL-C).
+        seal_exact_unmerge: adapter name -> keep a copy of a bf16/fp16 weight while merged
+            (``SealConfig.exact_unmerge``).
+
+    Merge state (what :meth:`unmerge` needs to restore the weight) lives in ``_seal_merge_state``:
+    adapter name -> ``(vector, idx, buffer)``, where ``vector`` is a *copy* of the fp32 per-channel
+    scale that was folded in, ``idx`` the channels whose original values are kept (``None``: the whole
+    weight is kept), and ``buffer`` the name of a non-persistent buffer holding those original values
+    (``None``: nothing kept by this merge). Buffers follow ``.to()`` (device and dtype) and never appear
+    in a state dict; ``vector`` and ``idx`` follow the weight's device (``_apply``) and stay fp32/int64.
     """
 
     adapter_layer_names = ("seal_scale",)
-    other_param_names = ("seal_group",)
+    other_param_names = ("seal_group", "seal_exact_unmerge")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.seal_scale = nn.ParameterDict({})
         self.seal_group: dict[str, int] = {}
+        self.seal_exact_unmerge: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        # adapter -> (per-channel vector actually folded in, kept original columns) for exact unmerge
-        self._seal_merge_state: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # adapter -> (copy of the vector folded in, kept channels or None = whole weight, buffer name or None)
+        self._seal_merge_state: dict[str, tuple[torch.Tensor, torch.Tensor | None, str | None]] = {}
+        # set by SealModel while merge_and_unload runs: the layer is dropped after merging, never unmerged
+        self._seal_merging_to_unload = False
 
         base = self.get_base_layer()
         if isinstance(base, Conv1D):
@@ -57,7 +77,12 @@ class SealLayer(BaseTunerLayer):
             )
 
     def update_layer(
-        self, adapter_name: str, group: int, init_weights: bool = True, inference_mode: bool = False
+        self,
+        adapter_name: str,
+        group: int,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+        exact_unmerge: bool = True,
     ) -> None:
         """Create the scales of ``adapter_name``: one per ``group`` consecutive input channels."""
         if group <= 0 or self.in_features % group != 0:
@@ -73,6 +98,7 @@ class SealLayer(BaseTunerLayer):
             value = 1.0 + 0.5 * torch.randn(n).clamp(-1.5, 1.5)
         self.seal_scale[adapter_name] = nn.Parameter(value)
         self.seal_group[adapter_name] = group
+        self.seal_exact_unmerge[adapter_name] = bool(exact_unmerge)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -144,7 +170,7 @@ class SealLayer(BaseTunerLayer):
         ):
             return None
         vector = self._active_channel_scale().to(device=weight.device, dtype=torch.float32)
-        return nn.functional.linear(x, (weight.float() * vector[None, :]).to(weight.dtype), base.bias)
+        return nn.functional.linear(x, self._merged(weight, vector), base.bias)
 
     # ------------------------------------------------------------------ merge / unmerge
     def _weight_view_scale(self, vector: torch.Tensor) -> torch.Tensor:
@@ -157,7 +183,7 @@ class SealLayer(BaseTunerLayer):
         return self.channel_scale(name).detach().to(device=weight.device, dtype=torch.float32, copy=True)
 
     def _merged(self, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        return (weight.float() * self._weight_view_scale(vector)).to(weight.dtype)
+        return (weight.to(_compute_dtype(weight)) * self._weight_view_scale(vector)).to(weight.dtype)
 
     def _check_mergeable(self, weight: torch.Tensor) -> None:
         if not weight.dtype.is_floating_point:
@@ -216,21 +242,37 @@ class SealLayer(BaseTunerLayer):
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {name} seems to be broken"
                 )
-            # Channels that division cannot restore: tiny/non-finite scales, and channels whose merged
-            # values overflowed (e.g. large scales on fp16 weights). Their original values are kept.
-            small = (vector.abs() < UNMERGE_EPS) | ~torch.isfinite(vector)
             if not finite.all():
-                small |= ~finite.all(dim=1 if self.is_conv1d else 0)
                 warnings.warn(
                     f"Merging SEAL adapter {name!r} produced non-finite weights (overflow in "
                     f"{weight.dtype}?); the model will output inf/NaN. unmerge_adapter() restores the "
                     f"original weights; use safe_merge=True to refuse such merges.",
                     stacklevel=2,
                 )
-            idx = small.nonzero().flatten()
-            kept = (weight.data[idx] if self.is_conv1d else weight.data[:, idx]).clone()
+            buffer = f"_seal_unmerge_{len(self.merged_adapters)}"  # position in the merge stack
+            if any(state[1] is None for state in self._seal_merge_state.values()):
+                # an earlier merge into this layer kept the whole weight: unmerge puts that copy back
+                idx, kept = None, None
+            elif (
+                weight.dtype in COPY_ON_MERGE_DTYPES
+                and self.seal_exact_unmerge.get(name, True)
+                and not self._seal_merging_to_unload
+            ):
+                # half precision: a multiply-divide round trip rounds again (up to 1/2 ulp per cycle);
+                # keeping the original weight makes unmerge bit-exact for any number of cycles
+                idx, kept = None, weight.data.clone()
+            else:
+                # division restores all channels to within an ulp except those it cannot: tiny/non-finite
+                # scales, and channels whose merged values overflowed. Their original values are kept.
+                small = (vector.abs() < UNMERGE_EPS) | ~torch.isfinite(vector)
+                if not finite.all():
+                    small |= ~finite.all(dim=1 if self.is_conv1d else 0)
+                idx = small.nonzero().flatten()
+                kept = (weight.data[idx] if self.is_conv1d else weight.data[:, idx]).clone()
+            if kept is not None:
+                self.register_buffer(buffer, kept, persistent=False)
             weight.data = merged
-            self._seal_merge_state[name] = (vector, idx, kept)
+            self._seal_merge_state[name] = (vector, idx, buffer if kept is not None else None)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -244,10 +286,22 @@ class SealLayer(BaseTunerLayer):
             name = self.merged_adapters.pop()
             if name not in self._seal_merge_state:
                 continue
-            vector, idx, kept = self._seal_merge_state.pop(name)
+            vector, idx, buffer = self._seal_merge_state.pop(name)
+            # the state follows .to() of this module; the casts below only matter if the weight was
+            # replaced behind its back (e.g. weight.data = ...), and are no-ops otherwise
+            kept = None if buffer is None else self._buffers.pop(buffer)
+            if kept is not None:
+                kept = kept.to(device=weight.device, dtype=weight.dtype)
+            if idx is None:
+                if kept is not None:  # the whole original weight (else: an earlier merge's copy restores it)
+                    weight.data = kept
+                continue
+            vector = vector.to(weight.device)
             safe = torch.where(vector.abs() < UNMERGE_EPS, torch.ones_like(vector), vector)
             safe = torch.where(torch.isfinite(safe), safe, torch.ones_like(safe))
-            restored = (weight.data.float() / self._weight_view_scale(safe)).to(weight.dtype)
+            compute = _compute_dtype(weight)
+            restored = (weight.data.to(compute) / self._weight_view_scale(safe)).to(weight.dtype)
+            idx = idx.to(weight.device)
             if self.is_conv1d:
                 restored[idx] = kept
             else:
@@ -257,7 +311,16 @@ class SealLayer(BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` from every per-adapter container (scales, group sizes, merge state)."""
         super().delete_adapter(adapter_name)
-        self._seal_merge_state.pop(adapter_name, None)
+        state = self._seal_merge_state.pop(adapter_name, None)
+        if state is not None and state[2] is not None:
+            self._buffers.pop(state[2], None)
+
+    def _move_merge_state(self) -> None:
+        """Keep the merge state's vectors and indices on the weight's device (their dtype stays)."""
+        device = self.get_base_layer().weight.device
+        for name, (vector, idx, buffer) in self._seal_merge_state.items():
+            if vector.device != device:
+                self._seal_merge_state[name] = (vector.to(device), None if idx is None else idx.to(device), buffer)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The multiplicative factor a merge applies to the weight (broadcastable to its shape)."""
@@ -274,12 +337,27 @@ class Linear(nn.Module, SealLayer):
         group: int,
         init_weights: bool = True,
         inference_mode: bool = False,
+        exact_unmerge: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         SealLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, group=group, init_weights=init_weights, inference_mode=inference_mode)
+        self.update_layer(
+            adapter_name,
+            group=group,
+            init_weights=init_weights,
+            inference_mode=inference_mode,
+            exact_unmerge=exact_unmerge,
+        )
+
+    def _apply(self, fn, *args: Any, **kwargs: Any):
+        # .to()/.cuda()/.half() ...: buffers (kept weight values) follow by themselves; the fp32 vectors of
+        # the merge state are plain attributes and follow the weight's device here (not its dtype).
+        result = super()._apply(fn, *args, **kwargs)
+        if self._seal_merge_state:
+            self._move_merge_state()
+        return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)

@@ -95,9 +95,18 @@ class SealModel(BaseTuner):
         if merge:
             self._check_merge_allowed()
             self._check_merge_all(adapter_names, safe_merge)
-        return super()._unload_and_optionally_merge(
-            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
+        # The layers are dropped right after merging and never unmerged: keep no copy of half-precision
+        # weights for an exact unmerge (SealConfig.exact_unmerge), it would only raise the peak memory.
+        layers = [m for m in self.model.modules() if isinstance(m, SealLayer)] if merge else []
+        for layer in layers:
+            layer._seal_merging_to_unload = True
+        try:
+            return super()._unload_and_optionally_merge(
+                merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+            )
+        finally:
+            for layer in layers:
+                layer._seal_merging_to_unload = False
 
     # ------------------------------------------------------------------ enable / disable
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
@@ -237,6 +246,7 @@ class SealModel(BaseTuner):
                 group=group,
                 init_weights=peft_config.init_weights,
                 inference_mode=peft_config.inference_mode,
+                exact_unmerge=peft_config.exact_unmerge,
             )
             return
         new_module = Linear(
@@ -245,6 +255,7 @@ class SealModel(BaseTuner):
             group=group,
             init_weights=peft_config.init_weights,
             inference_mode=peft_config.inference_mode,
+            exact_unmerge=peft_config.exact_unmerge,
         )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

@@ -179,6 +179,146 @@ def test_unmerge_uses_merged_values_even_if_scale_changed_after_merge(granularit
         assert_ulp_close(m.get_base_layer().weight, w)
 
 
+@pytest.mark.parametrize("granularity", ["head", "channel"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("exit_via", ["unmerge_adapter", "disable_adapter"])
+def test_merge_state_follows_dtype_moves(granularity, dtype, exit_via, inputs):
+    """Merge in fp32, cast the model, then unmerge (directly or inside disable_adapter()): no error, and
+    the weights are the cast original weights up to the rounding of the cast merged weight."""
+    model = get_peft_model(make_model("llama"), SealConfig(granularity=granularity, init_weights=False))
+    weights = {n: m.get_base_layer().weight.detach().clone() for n, m in seal_layers(model)}
+    with torch.no_grad():  # zero and tiny scales: those columns are restored from the kept originals
+        for _, m in seal_layers(model):
+            m.seal_scale["default"][0] = 0.0
+    model.merge_adapter()
+    model.to(dtype)
+    if exit_via == "unmerge_adapter":
+        model.unmerge_adapter()
+    else:
+        with model.disable_adapter(), torch.no_grad():
+            out = model(inputs).logits
+        assert out.dtype == dtype
+    for n, m in seal_layers(model):
+        assert not m.merged and not m._seal_merge_state
+        w = m.get_base_layer().weight
+        assert w.dtype == dtype
+        expected = weights[n].to(dtype)
+        # the cast rounds the merged weight once (1/2 ulp), the unmerge division rounds once more (1/2 ulp)
+        assert_ulp_close(w, expected, ulps=1.0 if dtype != torch.float64 else 2 * FP32_EPS / torch.finfo(dtype).eps)
+        assert torch.equal(w[:, 0], expected[:, 0])  # the kept column was cast with the module
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_merge_then_upcast_unmerges_exactly(dtype):
+    model = get_peft_model(make_model("llama", dtype=dtype), SealConfig(granularity="channel", init_weights=False))
+    weights = {n: m.get_base_layer().weight.detach().clone() for n, m in seal_layers(model)}
+    model.merge_adapter()
+    model.float()
+    model.unmerge_adapter()
+    for n, m in seal_layers(model):
+        assert torch.equal(m.get_base_layer().weight, weights[n].float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_state_follows_meta_move(dtype):
+    model = get_peft_model(make_model("llama", dtype=dtype), SealConfig(granularity="channel", init_weights=False))
+    with torch.no_grad():
+        for _, m in seal_layers(model):
+            m.seal_scale["default"][0] = 0.0
+    model.merge_adapter()
+    model.to("meta")
+    assert all(b.device.type == "meta" for b in model.buffers())
+    model.unmerge_adapter()
+    for _, m in seal_layers(model):
+        w = m.get_base_layer().weight
+        assert w.device.type == "meta" and w.dtype == dtype and not m.merged and not m._seal_merge_state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_state_is_not_saved(dtype, tmp_path):
+    """The merge state (vector, kept columns / weight copy) never reaches a state dict or an adapter file."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = get_peft_model(make_model("llama", dtype=dtype), SealConfig(granularity="channel", init_weights=False))
+    keys = set(model.state_dict())
+    inner_keys = set(model.base_model.model.state_dict())
+    adapter_keys = set(get_peft_model_state_dict(model))
+    buffers = len(list(model.buffers()))
+    with torch.no_grad():
+        for _, m in seal_layers(model):
+            m.seal_scale["default"][0] = 0.0
+    model.merge_adapter()
+    assert len(list(model.buffers())) > buffers  # there is merge state (buffers, so it follows .to())...
+    assert set(model.state_dict()) == keys  # ...but not in the state dict
+    assert set(get_peft_model_state_dict(model)) == adapter_keys
+    model.save_pretrained(tmp_path)
+    assert set(load_file(tmp_path / "adapter_model.safetensors")) == adapter_keys
+    assert set(model.base_model.model.state_dict()) == inner_keys
+
+
+@pytest.mark.parametrize("granularity", ["head", "channel"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_ten_merge_unmerge_cycles_do_not_drift(granularity, dtype, inputs):
+    """Half precision: unmerge puts back a copy of the original weight (bit-exact, any number of cycles).
+    fp32: unmerge divides; each cycle is within one ulp of the weight it started from."""
+    model = get_peft_model(
+        make_model("llama", dtype=dtype), SealConfig(granularity=granularity, init_weights=False)
+    )
+    layers = dict(seal_layers(model))
+    original = {n: m.get_base_layer().weight.detach().clone() for n, m in layers.items()}
+    for _ in range(10):
+        start = {n: m.get_base_layer().weight.detach().clone() for n, m in layers.items()}
+        model.merge_adapter()
+        model.unmerge_adapter()
+        for n, m in layers.items():
+            w = m.get_base_layer().weight
+            if dtype == torch.float32:
+                assert_ulp_close(w, start[n])
+            else:
+                assert torch.equal(w, original[n])
+    if dtype == torch.float32:
+        for n, m in layers.items():
+            assert_ulp_close(m.get_base_layer().weight, original[n], ulps=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_unmerge_false_divides_with_bounded_drift(dtype):
+    """``exact_unmerge=False`` keeps no weight copy; each cycle then rounds once more (<= 1 ulp)."""
+    with pytest.raises(TypeError, match="exact_unmerge must be True or False"):
+        SealConfig(exact_unmerge="no")
+    model = get_peft_model(
+        make_model("llama", dtype=dtype), SealConfig(init_weights=False, exact_unmerge=False)
+    )
+    layers = dict(seal_layers(model))
+    for _ in range(10):
+        start = {n: m.get_base_layer().weight.detach().clone() for n, m in layers.items()}
+        model.merge_adapter()
+        assert not any(b.numel() == m.get_base_layer().weight.numel() for m in layers.values() for b in m.buffers())
+        model.unmerge_adapter()
+        for n, m in layers.items():
+            assert_ulp_close(m.get_base_layer().weight, start[n])
+
+
+def test_merge_and_unload_keeps_no_weight_copy(monkeypatch, inputs):
+    """merge_and_unload never unmerges, so it must not pay for a copy of the half-precision weights."""
+    model = get_peft_model(make_model("llama", dtype=torch.bfloat16), SealConfig(init_weights=False))
+    reference = copy.deepcopy(model)
+    reference.merge_adapter()
+    expected = reference(inputs).logits
+    kept = []
+    merge = SealLayer.merge
+
+    def spy(self, *args, **kwargs):
+        merge(self, *args, **kwargs)
+        kept.append(sum(b.numel() for b in self.buffers()))
+
+    monkeypatch.setattr(SealLayer, "merge", spy)
+    merged = model.merge_and_unload()
+    assert kept == [0] * L
+    assert torch.equal(merged(inputs).logits, expected)
+
+
 def test_safe_merge_nan_raises_and_leaves_weights():
     model = get_peft_model(make_model("llama"), SealConfig())
     layer = seal_layers(model)[0][1]
