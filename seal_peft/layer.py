@@ -320,7 +320,11 @@ class SealLayer(BaseTunerLayer):
         device = self.get_base_layer().weight.device
         for name, (vector, idx, buffer) in self._seal_merge_state.items():
             if vector.device != device:
-                self._seal_merge_state[name] = (vector.to(device), None if idx is None else idx.to(device), buffer)
+                self._seal_merge_state[name] = (
+                    vector.to(device),
+                    None if idx is None else idx.to(device),
+                    buffer,
+                )
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The multiplicative factor a merge applies to the weight (broadcastable to its shape)."""

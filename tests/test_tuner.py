@@ -156,7 +156,9 @@ def assert_ulp_close(actual, expected, ulps: float = 1.0):
 def test_unmerge_uses_merged_values_even_if_scale_changed_after_merge(granularity, change, tmp_path):
     """The merge state is a copy: changing the scales after a merge must not change what unmerge divides by."""
     model = get_peft_model(make_model("llama"), SealConfig(granularity=granularity, init_weights=False))
-    other = get_peft_model(make_model("llama", seed=1), SealConfig(granularity=granularity, init_weights=False))
+    other = get_peft_model(
+        make_model("llama", seed=1), SealConfig(granularity=granularity, init_weights=False)
+    )
     other.save_pretrained(tmp_path)
     layers = [m for _, m in seal_layers(model)]
     weights = [m.get_base_layer().weight.detach().clone() for m in layers]
@@ -204,13 +206,17 @@ def test_merge_state_follows_dtype_moves(granularity, dtype, exit_via, inputs):
         assert w.dtype == dtype
         expected = weights[n].to(dtype)
         # the cast rounds the merged weight once (1/2 ulp), the unmerge division rounds once more (1/2 ulp)
-        assert_ulp_close(w, expected, ulps=1.0 if dtype != torch.float64 else 2 * FP32_EPS / torch.finfo(dtype).eps)
+        assert_ulp_close(
+            w, expected, ulps=1.0 if dtype != torch.float64 else 2 * FP32_EPS / torch.finfo(dtype).eps
+        )
         assert torch.equal(w[:, 0], expected[:, 0])  # the kept column was cast with the module
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_merge_then_upcast_unmerges_exactly(dtype):
-    model = get_peft_model(make_model("llama", dtype=dtype), SealConfig(granularity="channel", init_weights=False))
+    model = get_peft_model(
+        make_model("llama", dtype=dtype), SealConfig(granularity="channel", init_weights=False)
+    )
     weights = {n: m.get_base_layer().weight.detach().clone() for n, m in seal_layers(model)}
     model.merge_adapter()
     model.float()
@@ -221,7 +227,9 @@ def test_half_precision_merge_then_upcast_unmerges_exactly(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_state_follows_meta_move(dtype):
-    model = get_peft_model(make_model("llama", dtype=dtype), SealConfig(granularity="channel", init_weights=False))
+    model = get_peft_model(
+        make_model("llama", dtype=dtype), SealConfig(granularity="channel", init_weights=False)
+    )
     with torch.no_grad():
         for _, m in seal_layers(model):
             m.seal_scale["default"][0] = 0.0
@@ -240,7 +248,9 @@ def test_merge_state_is_not_saved(dtype, tmp_path):
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    model = get_peft_model(make_model("llama", dtype=dtype), SealConfig(granularity="channel", init_weights=False))
+    model = get_peft_model(
+        make_model("llama", dtype=dtype), SealConfig(granularity="channel", init_weights=False)
+    )
     keys = set(model.state_dict())
     inner_keys = set(model.base_model.model.state_dict())
     adapter_keys = set(get_peft_model_state_dict(model))
@@ -294,7 +304,9 @@ def test_exact_unmerge_false_divides_with_bounded_drift(dtype):
     for _ in range(10):
         start = {n: m.get_base_layer().weight.detach().clone() for n, m in layers.items()}
         model.merge_adapter()
-        assert not any(b.numel() == m.get_base_layer().weight.numel() for m in layers.values() for b in m.buffers())
+        assert not any(
+            b.numel() == m.get_base_layer().weight.numel() for m in layers.values() for b in m.buffers()
+        )
         model.unmerge_adapter()
         for n, m in layers.items():
             assert_ulp_close(m.get_base_layer().weight, start[n])
