@@ -22,6 +22,41 @@ import time
 import torch
 
 EVAL_SEEDS = {"dev": 500, "test": 1000}
+# peers trained on the same data (issue: "why SEAL and not LoRA"): the paper's SEAL-L (LoRA r=4 on q,k,v,o,
+# lr 2e-4) and SEAL-D (DoRA r=4), PEFT's IA3 on o_proj alone (structurally SEAL-C, so SEAL-C's lr), and
+# o_proj fully fine-tuned (fp32 master weights inside the bf16 model)
+PEERS = ("lora", "dora", "ia3", "o_proj")
+PEER_LR = {"lora": 2e-4, "dora": 2e-4, "ia3": 2e-2, "o_proj": 1e-4}
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def peer_model(model, peer: str, layers: list[int] | None):
+    """``model`` prepared for training with a peer method; every other weight frozen."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    if peer in ("lora", "dora"):
+        config = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=ATTENTION,
+            use_dora=peer == "dora",
+            layers_to_transform=layers,
+        )
+        return get_peft_model(model, config)
+    if peer == "ia3":
+        return get_peft_model(
+            model, IA3Config(target_modules=["o_proj"], feedforward_modules=["o_proj"], layers_to_transform=layers)
+        )
+    dtype = model.dtype
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        if name.endswith("o_proj") and (layers is None or int(name.split(".")[-3]) in layers):
+            # AdamW updates of bf16 weights would round away; train fp32 weights, cast at the boundary
+            module.float().requires_grad_(True)
+            module.register_forward_pre_hook(lambda m, a: (a[0].float(), *a[1:]))
+            module.register_forward_hook(lambda m, a, out: out.to(dtype))
+    return model
 
 
 def reference_docs_text(tok, num_tokens: int) -> str:
@@ -38,6 +73,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default=None, help="HF id/path; default: embedded SmolLM2-135M-Instruct")
     p.add_argument(
         "--granularity", default="head", choices=["head", "channel", "none"], help="none = base model"
+    )
+    p.add_argument(
+        "--peer",
+        default=None,
+        choices=sorted(PEERS),
+        help="train a peer method on the same data instead of SEAL (lr default: PEER_LR)",
     )
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--epochs", type=float, default=1.0)
@@ -132,11 +173,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.adapter:
         model = seal_peft.from_pretrained(model, args.adapter)
         record["adapter"] = args.adapter
-    elif args.granularity != "none":
+    elif args.granularity != "none" or args.peer:
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-        model = get_peft_model(
-            model, seal_peft.SealConfig(granularity=args.granularity, layers_to_transform=layers)
-        )
+        if args.peer:
+            model = peer_model(model, args.peer, layers)
+        else:
+            model = get_peft_model(
+                model, seal_peft.SealConfig(granularity=args.granularity, layers_to_transform=layers)
+            )
+        record["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         data = train_ds
         if args.lm_every:
             data = add_lm_samples(train_ds, tok, every=args.lm_every, length=args.lm_length, seed=args.seed)
@@ -146,8 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
             tok,
             data,
             "/tmp/seal_bench_run",
-            granularity=args.granularity,
-            learning_rate=args.lr,
+            granularity="head" if args.peer else args.granularity,
+            learning_rate=PEER_LR[args.peer] if args.peer and args.lr is None else args.lr,
             num_train_epochs=args.epochs,
             scale_pull=args.scale_pull,
             seed=args.seed,
@@ -155,14 +200,17 @@ def main(argv: list[str] | None = None) -> dict:
             logging_steps=10,
         )
         record["train_seconds"] = round(time.time() - t0, 1)
-        scales = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "seal_scale" in n])
-        record["scales"] = {
-            "min": scales.min().item(),
-            "max": scales.max().item(),
-            "mean": scales.mean().item(),
-        }
-        if args.save_adapter:
+        if not args.peer:
+            scales = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "seal_scale" in n])
+            record["scales"] = {
+                "min": scales.min().item(),
+                "max": scales.max().item(),
+                "mean": scales.mean().item(),
+            }
+        if args.save_adapter and args.peer != "o_proj":
             model.save_pretrained(args.save_adapter)
+        if args.peer in ("lora", "dora", "ia3"):
+            model = model.merge_and_unload()  # evaluate what would be deployed (DoRA unmerged is slow)
     t0 = time.time()
     if eval_sets:
         record["accuracy"], record["n_per_length"], record["samples"] = {}, {}, {}
