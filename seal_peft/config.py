@@ -13,7 +13,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-from ._registration import ensure_registered
+from ._registration import seal_peft_type
 
 GRANULARITIES = ("head", "channel")
 # Context-extension methods a SEAL adapter can be trained/evaluated on (see seal_peft/extension.py).
@@ -162,11 +162,8 @@ class SealConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        ensure_registered()
         super().__post_init__()
-        from peft.utils import PeftType
-
-        self.peft_type = PeftType.SEAL
+        self.peft_type = seal_peft_type()  # the enum member only: registration is done by seal_peft/__init__
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"SealConfig.granularity={self.granularity!r} is not supported; use 'head' (SEAL-H, one "
@@ -223,6 +220,18 @@ class SealConfig(PeftConfig):
                     f"SealConfig.extension['factor']={factor!r} must be a number > 1 (the context multiple, or "
                     f"the Self-Extend group size)."
                 )
+        if (
+            isinstance(self.target_modules, str)
+            and self.target_modules.lower() == "all-linear"
+            and self.granularity == "head"
+            and self.head_dim is None
+        ):
+            raise ValueError(
+                "SealConfig(target_modules='all-linear') with granularity='head': PEFT expands 'all-linear' to "
+                "every linear layer (q/k/v, MLP, ...), whose inputs have no attention heads, so per-head scales "
+                "would group unrelated channels. Use the default target_modules (the attention output "
+                "projections), granularity='channel', or pass the group size explicitly with head_dim=..."
+            )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
                 "SealConfig: layers_to_transform cannot be combined with a regex target_modules; "

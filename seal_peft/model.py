@@ -25,33 +25,111 @@ def _text_config(model: nn.Module) -> Any:
     return config
 
 
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+# Attributes that make a module look like an attention block, and names of the *input* projections inside
+# one (their input is the hidden state, not the concatenated head outputs SEAL-H scales per head).
+_ATTENTION_ATTRS = ("head_dim", "head_size", "v_head_dim", "num_heads", "num_attention_heads")
+_INPUT_PROJECTIONS = {
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "q_attn", "Wqkv", "query", "key",
+    "value", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "in_proj", "qkv", "to_q", "to_k", "to_v",
+}  # fmt: skip
+
+
+def check_head_target(parent: nn.Module | None, target_name: str, key: str) -> None:
+    """Refuse SEAL-H (without an explicit ``head_dim``) on a module that is not an attention output projection.
+
+    Per-head scales only make sense on the input of the attention output projection (the head outputs
+    concatenated head-major). On any other module (an MLP projection, q/k/v, every layer of
+    ``target_modules="all-linear"``) a head size read from the model config would silently group unrelated
+    channels. ``granularity="channel"`` or an explicit ``SealConfig(head_dim=...)`` are the user's call.
+    """
+    name = type(parent).__name__.lower() if parent is not None else ""
+    attention = parent is not None and (
+        "attention" in name
+        or "attn" in name
+        or any(_positive_int(getattr(parent, a, None)) for a in _ATTENTION_ATTRS)
+    )
+    if attention and target_name not in _INPUT_PROJECTIONS:
+        return
+    where = (
+        f"an input projection of {type(parent).__name__}"
+        if attention
+        else f"a child of {type(parent).__name__}"
+    )
+    raise ValueError(
+        f"SEAL target {key!r} is not an attention output projection ({where}), so it has no heads: "
+        f"granularity='head' would group its input channels by a head size that does not belong to them. Point "
+        f"target_modules at the attention output projection (e.g. 'self_attn.o_proj'), use "
+        f"granularity='channel', or pass the group size explicitly with SealConfig(head_dim=...)."
+    )
+
+
 def resolve_head_dim(
     config: SealConfig, in_features: int, attention: nn.Module | None, model_config: Any, key: str
 ) -> int:
     """Number of input channels per head of the output projection ``key``.
 
-    Order: ``config.head_dim`` > the attention module's ``head_dim`` / ``head_size`` > the model
-    config's ``head_dim`` > ``in_features // num_attention_heads``. Never falls back silently to
-    per-channel scales: if nothing works the user is told to pass ``head_dim``.
+    Order: ``config.head_dim`` (an explicit override, only checked to divide ``in_features``) > the
+    attention module's ``v_head_dim`` / ``head_dim`` / ``head_size`` > the model config's ``v_head_dim`` /
+    ``head_dim`` > ``in_features // num_attention_heads``. ``v_head_dim`` comes first because in MLA models
+    (DeepSeek-V2/V3) ``head_dim`` is the RoPE part of a query/key head while the output projection's
+    input is ``num_heads * v_head_dim``. A detected head size must satisfy
+    ``in_features == num_heads * head_dim`` where the number of heads is known (the attention module's
+    ``num_heads`` / ``num_attention_heads``, else the config's ``num_attention_heads``). Never falls back
+    silently to per-channel scales: if nothing works the user is told to pass ``head_dim``.
     """
-    candidates: list[tuple[str, Any]] = [("SealConfig.head_dim", config.head_dim)]
+    explicit = _positive_int(config.head_dim)
+    if explicit is not None:
+        if in_features % explicit != 0:
+            raise ValueError(
+                f"SEAL: head size {explicit} (from SealConfig.head_dim) does not divide the {in_features} input "
+                f"features of {key!r}. The input of an attention output projection is num_heads * head_dim wide; "
+                f"pass the right SealConfig(head_dim=...) or check target_modules."
+            )
+        return explicit
+    attention_config = getattr(attention, "config", None)
+    if attention_config is not None and not hasattr(attention_config, "num_attention_heads"):
+        attention_config = None
+    cfg = attention_config if attention_config is not None else model_config
+    candidates: list[tuple[str, Any]] = []
     if attention is not None:
-        for attr in ("head_dim", "head_size"):
+        for attr in ("v_head_dim", "head_dim", "head_size"):
             candidates.append((f"{type(attention).__name__}.{attr}", getattr(attention, attr, None)))
-    if model_config is not None:
-        candidates.append(("model config head_dim", getattr(model_config, "head_dim", None)))
-        n_heads = getattr(model_config, "num_attention_heads", None)
-        if isinstance(n_heads, int) and n_heads > 0 and in_features % n_heads == 0:
-            candidates.append(("in_features / config.num_attention_heads", in_features // n_heads))
+    if cfg is not None:
+        for attr in ("v_head_dim", "head_dim"):
+            candidates.append((f"model config {attr}", getattr(cfg, attr, None)))
+    heads: tuple[str, int] | None = None
+    for attr in ("num_heads", "num_attention_heads"):
+        n = _positive_int(getattr(attention, attr, None)) if attention is not None else None
+        if n is not None:
+            heads = (f"{type(attention).__name__}.{attr}", n)
+            break
+    if heads is None and cfg is not None and _positive_int(getattr(cfg, "num_attention_heads", None)):
+        heads = ("config.num_attention_heads", cfg.num_attention_heads)
+    if heads is not None and in_features % heads[1] == 0:
+        candidates.append((f"in_features / {heads[0]}", in_features // heads[1]))
     for source, value in candidates:
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            if in_features % value != 0:
-                raise ValueError(
-                    f"SEAL: head size {value} (from {source}) does not divide the {in_features} input features "
-                    f"of {key!r}. The input of an attention output projection is num_heads * head_dim wide; "
-                    f"pass the right SealConfig(head_dim=...) or check target_modules."
-                )
-            return value
+        value = _positive_int(value)
+        if value is None:
+            continue
+        if heads is not None and heads[1] * value != in_features:
+            raise ValueError(
+                f"SEAL: head size {value} (from {source}) times {heads[1]} heads (from {heads[0]}) is "
+                f"{heads[1] * value}, but {key!r} has {in_features} input features. The input of an attention "
+                f"output projection is num_heads * head_dim wide, so this head size is not the one of this "
+                f"layer (in MLA models it is v_head_dim). Pass the right SealConfig(head_dim=...), use "
+                f"granularity='channel', or check target_modules."
+            )
+        if in_features % value != 0:
+            raise ValueError(
+                f"SEAL: head size {value} (from {source}) does not divide the {in_features} input features "
+                f"of {key!r}. The input of an attention output projection is num_heads * head_dim wide; "
+                f"pass the right SealConfig(head_dim=...) or check target_modules."
+            )
+        return value
     raise ValueError(
         f"SEAL could not determine the attention head size for {key!r} (in_features={in_features}): neither "
         f"the attention module nor the model config has head_dim/num_attention_heads. Pass it explicitly, "
@@ -239,6 +317,8 @@ class SealModel(BaseTuner):
         if peft_config.granularity == "channel":
             group = 1
         else:
+            if peft_config.head_dim is None:
+                check_head_target(parent, target_name, current_key)
             group = resolve_head_dim(peft_config, in_features, parent, _text_config(self.model), current_key)
         if isinstance(target, SealLayer):
             target.update_layer(

@@ -459,6 +459,119 @@ def test_head_dim_override_and_detection():
     assert seal_layers(model)[0][1].seal_group["default"] == 16
 
 
+def _mla_model(version: str = "v3"):
+    """A tiny MLA model (DeepSeek-V2/V3): config.head_dim is the RoPE part (4), o_proj's input is 4 x 12."""
+    import transformers as tf
+
+    cls = tf.DeepseekV3Config if version == "v3" else tf.DeepseekV2Config
+    config = cls(
+        vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=L,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=12, first_k_dense_replace=L, n_routed_experts=2, num_experts_per_tok=1,
+        n_shared_experts=1, max_position_embeddings=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_mla_head_size_is_v_head_dim(version, inputs):
+    base = _mla_model(version)
+    assert base.config.head_dim == 4 and base.model.layers[0].self_attn.o_proj.in_features == 4 * 12
+    model = get_peft_model(base, SealConfig(target_modules=["self_attn.o_proj"], init_weights=False))
+    for _, layer in seal_layers(model):
+        assert layer.seal_group["default"] == 12 and layer.seal_scale["default"].shape == (4,)
+    vector = seal_layers(model)[0][1].channel_scale("default").detach()
+    assert torch.equal(vector, vector.view(4, 12)[:, :1].expand(4, 12).flatten())  # one scale per head
+
+
+class _FakeAttention(torch.nn.Module):
+    def __init__(self, in_features: int, **attrs):
+        super().__init__()
+        for k, v in attrs.items():
+            setattr(self, k, v)
+        self.o_proj = torch.nn.Linear(in_features, 8)
+
+
+class _FakeNet(torch.nn.Module):
+    def __init__(self, attention):
+        super().__init__()
+        self.attn = attention
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 16))
+
+    def forward(self, x):
+        return self.attn.o_proj(x)
+
+
+def test_head_size_must_match_number_of_heads():
+    # MLA-like module: head_dim is the RoPE part, v_head_dim the size of a head's output
+    net = _FakeNet(_FakeAttention(32, num_heads=4, head_dim=2, v_head_dim=8))
+    model = get_peft_model(net, SealConfig(target_modules=["attn.o_proj"]))
+    assert seal_layers(model)[0][1].seal_group["default"] == 8
+    # a head size that divides in_features but does not match the number of heads is refused
+    net = _FakeNet(_FakeAttention(32, num_heads=4, head_dim=4))
+    with pytest.raises(
+        ValueError, match=r"head size 4 .*4 heads.*16.*32 input features.*SealConfig\(head_dim="
+    ):
+        get_peft_model(net, SealConfig(target_modules=["attn.o_proj"]))
+    # the explicit override is only checked for divisibility, and channel scales need no head size
+    net = _FakeNet(_FakeAttention(32, num_heads=4, head_dim=4))
+    assert (
+        seal_layers(get_peft_model(net, SealConfig(target_modules=["attn.o_proj"], head_dim=4)))[0][
+            1
+        ].seal_group["default"]
+        == 4
+    )
+    net = _FakeNet(_FakeAttention(32, num_heads=4, head_dim=4))
+    get_peft_model(net, SealConfig(target_modules=["attn.o_proj"], granularity="channel"))
+    # the config's head count applies to modules that do not report their own
+    base = make_model("llama")
+    base.config.num_attention_heads = 2  # 2 x head_dim 8 = 16 != 32 input features of o_proj
+    with pytest.raises(ValueError, match=r"head size 8 .*2 heads.*32 input features"):
+        get_peft_model(base, SealConfig())
+
+
+def test_head_granularity_refuses_non_attention_targets():
+    with pytest.raises(ValueError, match=r"all-linear.*granularity='head'.*head_dim"):
+        SealConfig(target_modules="all-linear")
+    with pytest.raises(ValueError, match=r"all-linear"):
+        SealConfig(target_modules="ALL-LINEAR", granularity="head")
+    for target in (["mlp.down_proj"], ["self_attn.q_proj"], ["self_attn.v_proj"]):
+        base = make_model("llama")
+        with pytest.raises(
+            ValueError, match=r"not an attention output projection.*granularity='channel'.*head_dim="
+        ):
+            get_peft_model(base, SealConfig(target_modules=target))
+        assert not any(isinstance(m, SealLayer) for m in base.modules())
+    # GPT-2's MLP projection has the same name as the attention's
+    with pytest.raises(ValueError, match="not an attention output projection"):
+        get_peft_model(make_model("gpt2"), SealConfig(target_modules=["mlp.c_proj"]))
+    # channel scales, or an explicit head size, are the user's call
+    model = get_peft_model(
+        make_model("llama"), SealConfig(target_modules="all-linear", granularity="channel")
+    )
+    assert any(n.endswith("mlp.down_proj") for n, _ in seal_layers(model))
+    model = get_peft_model(make_model("llama"), SealConfig(target_modules="all-linear", head_dim=8))
+    assert {m.seal_group["default"] for _, m in seal_layers(model)} == {8}
+    model = get_peft_model(make_model("llama"), SealConfig(target_modules=["mlp.down_proj"], head_dim=16))
+    assert seal_layers(model)[0][1].seal_scale["default"].shape == (4,)
+
+
+def test_phi_falcon_gpt2_gpt_neox_head_sizes():
+    import transformers as tf
+
+    phi = tf.PhiConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    models = {"phi": tf.AutoModelForCausalLM.from_config(phi)}
+    models |= {arch: make_model(arch) for arch in ("falcon", "gpt2", "gpt_neox", "gemma3")}
+    for arch, base in models.items():
+        model = get_peft_model(base, SealConfig())
+        groups = {m.seal_group["default"] for _, m in seal_layers(model)}
+        assert groups == ({16} if arch == "gemma3" else {8}), arch
+
+
 def test_modules_to_save_are_trained_and_saved(tmp_path):
     model = get_peft_model(make_model("llama"), SealConfig(modules_to_save=["lm_head"]))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
