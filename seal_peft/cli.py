@@ -64,9 +64,14 @@ def _generate(
     depths,
     prompt_format: str,
     seed: int,
+    *,
+    essays: str,
     exclude=None,
     progress: bool = True,
 ):
+    """Generate ``task`` data; ``essays`` (``"train"`` / ``"eval"``) is the half of the essays that needle
+    haystacks come from: the training half for training data, the held-out half for evaluation (the
+    recipe's LM windows are cut from the training half)."""
     from . import data
 
     kwargs = dict(
@@ -82,7 +87,7 @@ def _generate(
     if task == "kv":
         return data.kv_retrieval(tokenizer, exclude=exclude, **kwargs)
     if task == "needle":
-        return data.needle_haystack(tokenizer, essays="eval" if exclude is not None else "train", **kwargs)
+        return data.needle_haystack(tokenizer, essays=essays, **kwargs)
     raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
 
 
@@ -221,9 +226,52 @@ def _apply_extend(model, tokenizer, extend):
     return model
 
 
-def _dataset_from_args(args, tokenizer, exclude=None):
+def _check_essays(ds, path: str, essays: str) -> None:
+    """A needle dataset given with ``--data`` must come from the half of the essays this command uses."""
+    import warnings
+
+    from .data._common import dataset_metadata
+    from .errors import SealUsageError
+
+    if "task" not in ds.column_names or "needle_haystack" not in set(ds.unique("task")):
+        return  # line / kv retrieval: no essays
+    halves = {m["essays"] for m in dataset_metadata(ds) if "essays" in m}
+    regenerate = f"regenerate it with `seal-peft generate --task needle --essays {essays} ... --out {path}`"
+    if not halves:
+        warnings.warn(
+            f"--data {path!r} holds needle samples but no record of which essays they come from (written by "
+            f"an older seal-peft?); they must come from the {essays} half: {regenerate}.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    if essays == "eval" and halves != {"eval"}:
+        raise SealUsageError(
+            f"--data {path!r}: its needle haystacks come from the {'/'.join(sorted(halves))} essays, which "
+            "training also uses (the recipe's LM windows, needle training data), so the result would be "
+            f"measured on text the adapter trained on. Evaluate on the held-out half: {regenerate}."
+        )
+    if essays == "train" and "eval" in halves:
+        raise SealUsageError(
+            f"--data {path!r}: its needle haystacks come from the held-out (eval) essays, which evaluation and "
+            f"the held-out perplexity use; train on the training half: {regenerate}."
+        )
+    if essays == "train" and "all" in halves:
+        warnings.warn(
+            f"--data {path!r}: its needle haystacks come from all the essays, including the held-out half "
+            f"that evaluation and the held-out perplexity use; {regenerate}.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _dataset_from_args(args, tokenizer, *, essays: str, exclude=None):
+    """The dataset of ``--data`` or one generated from the data options; ``essays`` is the half of the
+    essays this command may use (``"train"`` for training, ``"eval"`` for evaluation)."""
     if args.data:
-        return _load_dataset(args.data)
+        ds = _load_dataset(args.data)
+        _check_essays(ds, args.data, essays)
+        return ds
     return _generate(
         tokenizer,
         args.task,
@@ -232,6 +280,7 @@ def _dataset_from_args(args, tokenizer, exclude=None):
         args.depths,
         args.prompt_format,
         args.seed,
+        essays=essays,
         exclude=exclude,
         progress=not args.quiet,
     )
@@ -242,7 +291,7 @@ def cmd_generate(args) -> int:
     from .models import load_tokenizer
 
     tok = load_tokenizer(args.model)
-    ds = _dataset_from_args(args, tok)
+    ds = _dataset_from_args(args, tok, essays=args.essays)
     ds.save_to_disk(args.out)
     _log(f"wrote {len(ds)} samples ({args.task}, lengths {args.lengths}) to {args.out}", args.quiet)
     return 0
@@ -310,7 +359,7 @@ def train_variant(
 def cmd_train(args) -> int:
     model, tok = _load_model(args, resolve_dtype(args.dtype))
     _apply_extend(model, tok, args.extend)
-    ds = _dataset_from_args(args, tok)
+    ds = _dataset_from_args(args, tok, essays="train")
     t0 = time.time()
     peft_model = train_variant(
         model,
@@ -379,7 +428,7 @@ def cmd_eval(args) -> int:
     model, tok = _load_with_adapter(
         args.model, args.adapter, args.merge, args.dtype, args.extend, placement=_placement(args)
     )
-    ds = _dataset_from_args(args, tok)
+    ds = _dataset_from_args(args, tok, essays="eval")  # never the essays the LM windows trained on
     name = args.name or ("base" if not args.adapter else os.path.basename(os.path.normpath(args.adapter)))
     s = evaluate_model(model, tok, ds, args.lengths, name, args.out, args.ppl_tokens, progress=not args.quiet)
     print(_table([s], args.lengths))
@@ -444,7 +493,7 @@ def cmd_analyze(args) -> int:
         attr = an.HeadAttribution.from_json(args.attribution)
         _log(f"[analyze] attribution read from {args.attribution}", args.quiet)
     else:
-        ds = _dataset_from_args(args, tok)
+        ds = _dataset_from_args(args, tok, essays="eval")
         meta = {
             "model": args.model or "SmolLM2-135M-Instruct (embedded)",
             "data": args.data or f"{args.task}, {len(ds)} samples, lengths {args.lengths}, seed {args.seed}",
@@ -477,7 +526,7 @@ def cmd_analyze(args) -> int:
         summary["scale_correlation"] = an.scale_correlation(attr, scales)
     if args.perturb_top > 0 or args.check_heads > 0:
         if ds is None:
-            ds = _dataset_from_args(args, tok)
+            ds = _dataset_from_args(args, tok, essays="eval")
         target = model
         if args.perturb_with_adapter:
             from .loading import from_pretrained
@@ -569,6 +618,7 @@ def cmd_demo(args) -> int:
         None,
         args.prompt_format,
         args.seed,
+        essays="train",
         progress=progress,
     )
     eval_ds = _generate(
@@ -579,6 +629,7 @@ def cmd_demo(args) -> int:
         None,
         args.prompt_format,
         args.seed + 1000,
+        essays="eval",
         exclude=train_ds,
         progress=progress,
     )
@@ -724,6 +775,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="write a synthetic dataset (datasets.save_to_disk folder)")
     _model_args(g)
     _data_args(g, samples=50, lengths="2048", seed=0)
+    g.add_argument(
+        "--essays",
+        choices=("train", "eval"),
+        default="train",
+        help="half of the essays that needle haystacks come from: train (default; training data) or eval "
+        "(held out: for data you evaluate on; `seal-peft eval` generates from it and refuses --data from the "
+        "other half)",
+    )
     g.add_argument("--out", required=True, help="output folder")
     g.set_defaults(func=cmd_generate)
 

@@ -336,8 +336,19 @@ def make_record(enc: Encoded, *, task: str, depth: float, key: str, answer: str)
     }
 
 
-def to_dataset(records: list[dict[str, Any]]):
-    from datasets import Dataset, Features, Sequence, Value
+#: key of the generation record that ``to_dataset`` stores in ``Dataset.info.description`` (JSON)
+METADATA_KEY = "seal_peft_data"
+METADATA_FORMAT = 1
+_UNSET: Any = object()
+
+
+def to_dataset(records: list[dict[str, Any]], *, essays: str | None = _UNSET):
+    """The records as a ``datasets.Dataset`` with a generation record (see :func:`dataset_metadata`).
+
+    ``essays``: which half of the essays the haystacks come from (``"train"``, ``"eval"``, ``None`` =
+    all); only for generators that use the essays.
+    """
+    from datasets import Dataset, DatasetInfo, Features, Sequence, Value
 
     features = Features(
         {
@@ -354,7 +365,34 @@ def to_dataset(records: list[dict[str, Any]]):
             "prompt_format": Value("string"),
         }
     )
-    return Dataset.from_dict({c: [r[c] for r in records] for c in COLUMNS}, features=features)
+    meta: dict[str, Any] = {"format": METADATA_FORMAT}
+    if essays is not _UNSET:
+        meta["essays"] = essays or "all"
+    info = DatasetInfo(description=json.dumps({METADATA_KEY: meta}, sort_keys=True), features=features)
+    return Dataset.from_dict({c: [r[c] for r in records] for c in COLUMNS}, info=info)
+
+
+def dataset_metadata(dataset: Any) -> list[dict[str, Any]]:
+    """The generation records of a dataset made by ``seal_peft.data``: ``[{"format": 1, "essays":
+    "eval", ...}]`` — one per generated dataset it holds (``concatenate_datasets`` of datasets with
+    different records keeps each), ``[]`` for a dataset without one (written by an older seal-peft,
+    rebuilt from a list, or not generated here).
+
+    The record lives in ``dataset.info.description`` and survives ``save_to_disk`` /
+    ``load_from_disk``, ``select``, ``shuffle``, ``filter`` and ``map``.
+    """
+    description = getattr(getattr(dataset, "info", None), "description", None)
+    if not isinstance(description, str) or METADATA_KEY not in description:
+        return []
+    found = []
+    for block in description.split("\n\n"):  # concatenate_datasets joins distinct ones with a blank line
+        try:
+            value = json.loads(block)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and isinstance(value.get(METADATA_KEY), dict):
+            found.append(value[METADATA_KEY])
+    return found
 
 
 def progress_bar(iterable: Iterable, total: int, desc: str, enabled: bool):

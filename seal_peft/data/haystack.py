@@ -451,8 +451,11 @@ def needle_haystack(
         tokenizer, num_samples, length, depths, prompt_format, seed, system_prompt, progress: as in
             :func:`~seal_peft.data.line_retrieval`. ``depth`` is the fraction of haystack tokens before
             the needle (0 = needle first, 1 = needle last); the needle always sits at a sentence boundary.
-        essays: ``"train"`` / ``"eval"`` for one of two disjoint halves of the essays (train on one,
-            evaluate on the other), ``None`` for all.
+        essays: ``"train"`` / ``"eval"`` for one of two disjoint halves of the essays, ``None`` for
+            all. Train on ``"train"``, evaluate on ``"eval"``: the LM windows of the training recipe
+            (``seal_peft.training.add_lm_samples``) come from ``"train"``, the held-out perplexity text
+            (:func:`heldout_text`) from ``"eval"``. The half is recorded in the dataset
+            (``seal_peft.data._common.dataset_metadata``).
         needles: needle templates (see :data:`NEEDLES`: dicts with ``key, needle, question, lead,
             answer, display`` whose ``{slot}`` fields are filled at random per sample).
 
@@ -506,7 +509,7 @@ def needle_haystack(
                 enc, task="needle_haystack", depth=measured, key=filled["key"], answer=filled["answer"]
             )
         )
-    return to_dataset(records)
+    return to_dataset(records, essays=essays)  # which half, for the checks of `seal-peft`
 
 
 def heldout_text(tokenizer: Any, num_tokens: int, seed: int = 0, split: str | None = "eval") -> str:

