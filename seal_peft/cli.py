@@ -17,7 +17,8 @@ TASKS = ("line", "kv", "needle")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device_map
 
 # Recommended SEAL settings for the embedded model, chosen on the dev split (docs/results.md): 50
-# samples at 2K tokens, one 512-token essay LM window after every 2 samples (keeps perplexity at base).
+# samples at 2K tokens, one 512-token essay LM window per 2 samples, shuffled by the Trainer (keeps
+# perplexity at base).
 RECIPES: dict[str, dict[str, Any]] = {
     "head": {
         "learning_rate": 3e-2,
@@ -317,8 +318,8 @@ def train_variant(
 ):
     """Wrap ``model`` with SEAL and train it with the recipe for ``granularity``; returns the PeftModel.
 
-    ``lm_every > 0`` inserts one plain-text LM window of ``lm_length`` tokens (training essays) after
-    every ``lm_every`` retrieval samples (``seal_peft.training.add_lm_samples``). Arguments left at
+    ``lm_every > 0`` adds one plain-text LM window of ``lm_length`` tokens (training essays) per
+    ``lm_every`` retrieval samples (``seal_peft.training.add_lm_samples``; the Trainer shuffles the mix). Arguments left at
     ``None`` take the recipe's value; ``trainer_overrides`` go to ``TrainingArguments``. A model on
     the CPU trains on the CPU (the Trainer would otherwise move it to a GPU).
     """
@@ -810,8 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="keep the model a good LM: insert one plain-text window (training essays) after every N "
-        "samples (default 2, the recipe; 0 = off; docs/training.md)",
+        help="keep the model a good LM: add one plain-text window (training essays) per N samples, "
+        "shuffled with them (default 2, the recipe; 0 = off; docs/training.md)",
     )
     t.add_argument("--lm-length", type=int, default=None, help="tokens per LM window (default 512)")
     t.add_argument(

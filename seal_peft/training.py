@@ -236,6 +236,12 @@ def mix_lm_samples(dataset, lm_samples, every: int = 5, seed: int = 0):
     retrieval samples (order otherwise kept), so the scales also have to keep the model a good
     language model. Returns a ``datasets.Dataset`` with the columns ``input_ids``, ``attention_mask``,
     ``labels``.
+
+    The stock ``Trainer`` shuffles its training set (seeded by ``data_seed``), so what training sees is
+    the *ratio* — one LM sample per ``every`` retrieval samples, in shuffled order — not the positions.
+    ``train_sampling_strategy="sequential"`` (a ``TrainingArguments`` field, through
+    ``seal_training_arguments`` / ``train_seal``) keeps the interleaved order; the recipe's numbers
+    (docs/results.md) were measured shuffled.
     """
     from datasets import Dataset
 
@@ -260,7 +266,8 @@ def mix_lm_samples(dataset, lm_samples, every: int = 5, seed: int = 0):
 
 def add_lm_samples(dataset, tokenizer: Any, every: int = 5, length: int = 512, seed: int = 0):
     """``dataset`` with plain-text LM windows of ``length`` tokens from the *training* essays inserted
-    after every ``every`` samples (``mix_lm_samples`` + ``lm_text_samples``).
+    after every ``every`` samples (``mix_lm_samples`` + ``lm_text_samples``): one window per ``every``
+    samples, which the ``Trainer`` then shuffles with the rest (see :func:`mix_lm_samples`).
 
     The essays' ``"train"`` half is used, so the held-out perplexity text (``heldout_text``, the
     ``"eval"`` half) is never trained on. This is what ``seal-peft train --lm-every N`` does.

@@ -201,3 +201,25 @@ def test_recipe_mixes_lm_samples_unless_turned_off(monkeypatch):
     assert "lm_every" not in seen["kw"] and "lm_length" not in seen["kw"]  # not Trainer arguments
     cli.train_variant(make_model("llama"), Tok(), _rows(6), "head", "unused", lm_every=0)
     assert seen["n"] == 6
+
+
+def test_lm_windows_are_a_ratio_the_trainer_shuffles_unless_sequential(tmp_path):
+    """docs/training.md: the Trainer shuffles the mixed data (the recipe was measured so);
+    ``train_sampling_strategy="sequential"`` keeps the order ``mix_lm_samples`` built."""
+    from torch.utils.data import RandomSampler, SequentialSampler
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % VOCAB for c in text]}
+
+    mixed = mix_lm_samples(_rows(6), lm_text_samples(Tok(), ["abcdefghij" * 5], 3, 8), every=2)
+    model = get_peft_model(make_model("llama"), SealConfig())
+
+    def sampler(**kw):
+        args = seal_training_arguments(str(tmp_path), use_cpu=True, **kw)
+        return Trainer(model=model, args=args, train_dataset=mixed, data_collator=SealDataCollator())._get_train_sampler()
+
+    assert isinstance(sampler(), RandomSampler)
+    keep = sampler(train_sampling_strategy="sequential")
+    assert isinstance(keep, SequentialSampler)
+    assert [mixed[i]["labels"] == mixed[i]["input_ids"] for i in keep] == [False, False, True] * 3
