@@ -25,6 +25,15 @@ UNMERGE_EPS = 1e-2
 COPY_ON_MERGE_DTYPES = (torch.float16, torch.bfloat16)
 
 
+# Weight dtypes a merge can fold scales into (float8 / float4 and integer weights are quantized).
+MERGEABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_plain_tensor(weight: torch.Tensor) -> bool:
+    """A dense ``Tensor`` / ``Parameter``, not a subclass (torchao quantized tensors, DTensor, ...)."""
+    return type(weight) in (torch.Tensor, nn.Parameter) and type(weight.data) is torch.Tensor
+
+
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """Merge arithmetic runs in fp32, or fp64 for fp64 weights (fp32 would round them)."""
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -160,7 +169,7 @@ class SealLayer(BaseTunerLayer):
         if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
             return None
         weight = base.weight
-        if weight.dtype != x.dtype or weight.device != x.device:
+        if weight.dtype != x.dtype or weight.device != x.device or not _is_plain_tensor(weight):
             return None
         names = [n for n in self.active_adapters if n in self.seal_scale]
         if not names:
@@ -186,12 +195,16 @@ class SealLayer(BaseTunerLayer):
         return (weight.to(_compute_dtype(weight)) * self._weight_view_scale(vector)).to(weight.dtype)
 
     def _check_mergeable(self, weight: torch.Tensor) -> None:
-        if not weight.dtype.is_floating_point:
+        subclass = not _is_plain_tensor(weight)
+        if subclass or weight.dtype not in MERGEABLE_DTYPES:
+            kind = f"{type(weight).__name__} tensor subclass" if subclass else f"{weight.dtype}"
             raise TypeError(
-                f"Cannot merge SEAL scales into a {weight.dtype} (quantized) weight of "
+                f"Cannot merge SEAL scales into a {kind} (quantized) weight of "
                 f"{type(self.get_base_layer()).__name__}; dequantize the model first (load it in "
                 f"bf16/fp16/fp32) or keep the adapter unmerged (the scales then act on the activations, "
-                f"which works on quantized layers)."
+                f"which works on quantized layers). A merge rescales plain fp16/bf16/fp32/fp64 weights only: "
+                f"float8 and integer weights, and tensor subclasses (torchao quantized tensors, DTensor "
+                f"shards), would be requantized or not rescaled correctly."
             )
 
     def check_merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

@@ -331,6 +331,49 @@ def test_merge_and_unload_keeps_no_weight_copy(monkeypatch, inputs):
     assert torch.equal(merged(inputs).logits, expected)
 
 
+class _SubclassTensor(torch.Tensor):
+    """Stands in for a quantized tensor subclass (torchao's AffineQuantizedTensor & co.)."""
+
+
+@pytest.mark.parametrize("kind", ["float8_e4m3fn", "float8_e5m2", "subclass"])
+def test_merge_refuses_float8_and_tensor_subclass_weights(kind, monkeypatch):
+    model = get_peft_model(make_model("llama"), SealConfig(init_weights=False))
+    layers = [m for _, m in seal_layers(model)]
+    target = layers[-1].get_base_layer()  # the last layer: PEFT alone would merge layer 0 first
+    if kind == "subclass":
+        target.weight = torch.nn.Parameter(
+            target.weight.detach().as_subclass(_SubclassTensor), requires_grad=False
+        )
+        assert type(target.weight) is _SubclassTensor
+        match = r"_SubclassTensor tensor subclass \(quantized\) weight of Linear; dequantize the model"
+    else:
+        dtype = getattr(torch, kind)
+        target.weight = torch.nn.Parameter(target.weight.detach().to(dtype), requires_grad=False)
+        match = rf"torch\.{kind} \(quantized\) weight of Linear; dequantize the model"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (
+        model.merge_adapter,
+        model.merge_and_unload,
+        lambda: model.merge_and_unload(safe_merge=True),
+    ):
+        with pytest.raises(TypeError, match=match):
+            merge()
+        assert len(seal_layers(model)) == L and not any(m.merged for m in layers)
+        assert all(
+            torch.equal(v.view(torch.uint8), before[k].view(torch.uint8))
+            for k, v in model.state_dict().items()
+        )
+    if kind == "subclass":
+        # unmerged inference on long inputs must not fold the scales into such a weight on the fly either
+        calls = []
+        merged = SealLayer._merged
+        monkeypatch.setattr(SealLayer, "_merged", lambda self, *a: calls.append(1) or merged(self, *a))
+        x = torch.randn(1, 200, layers[-1].in_features)
+        with torch.no_grad():
+            layers[-1](x)
+        assert calls == []
+
+
 def test_safe_merge_nan_raises_and_leaves_weights():
     model = get_peft_model(make_model("llama"), SealConfig())
     layer = seal_layers(model)[0][1]
