@@ -102,7 +102,15 @@ def adapter_config(kind: str):
     raise ValueError(f"unknown adapter {kind!r}; choose from {ADAPTERS}")
 
 
-LEARNING_RATE = {"seal-h": 1e-2, "seal-c": 2e-2, "lora": 2e-4, "ia3": 1e-2}
+def _paper_lr(granularity: str) -> float:
+    from seal_peft.training import RECIPES
+
+    return RECIPES["paper"][granularity].learning_rate
+
+
+#: optimizer learning rates of the timed training steps: SEAL's from the paper's recipe
+#: (``seal_peft.training.RECIPES``), LoRA's (the paper's SEAL-L) and IA3's
+LEARNING_RATE = {"seal-h": _paper_lr("head"), "seal-c": _paper_lr("channel"), "lora": 2e-4, "ia3": 1e-2}
 
 
 def randomize_seal_scales(peft_model, seed: int = 0, spread: float = 0.2) -> None:

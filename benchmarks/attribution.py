@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--k", type=int, default=27, help="heads trained by the topk variant (default 27 = 10%%)")
     p.add_argument("--by", default="abs", choices=["abs", "positive", "negative"])
     p.add_argument("--max-change", type=float, default=0.1, help="init variant: largest |s - 1| at start")
-    p.add_argument("--lr", type=float, default=1e-2)
+    from seal_peft.training import RECIPES
+
+    p.add_argument("--lr", type=float, default=RECIPES["paper"]["head"].learning_rate, help="default: the paper's")
     p.add_argument("--train-samples", type=int, default=20)
     p.add_argument("--train-length", type=int, default=512)
     p.add_argument("--eval-samples", type=int, default=20)

@@ -3,6 +3,10 @@
     python examples/train_line_retrieval.py                       # embedded SmolLM2-135M, SEAL-H
     python examples/train_line_retrieval.py --granularity channel --model path/or/hub-id
 
+The training settings come from ``seal_peft.training.RECIPES``: the recipe tuned for the embedded model
+(``smollm2``: LM windows mixed in, a higher SEAL-H learning rate) for it, the paper's (``paper``) for any other model;
+``--recipe`` picks one.
+
 Multi-process (DDP) training runs the same script unchanged through accelerate; the Trainer
 picks up the process group, and only the main process saves, evaluates and merges:
 
@@ -23,11 +27,22 @@ import seal_peft
 from seal_peft.data import line_retrieval
 from seal_peft.evaluation import evaluate_retrieval
 from seal_peft.models import input_device, load_model
-from seal_peft.training import SealDataCollator, seal_loss, seal_training_arguments
+from seal_peft.training import (
+    RECIPES,
+    SealDataCollator,
+    add_lm_samples,
+    recipe_for_model,
+    seal_loss,
+    seal_training_arguments,
+)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=None, help="HF id/path (default: embedded SmolLM2-135M-Instruct)")
 parser.add_argument("--granularity", default="head", choices=["head", "channel"])
+parser.add_argument(
+    "--recipe", default=None, choices=list(RECIPES),
+    help="seal_peft.training.RECIPES: paper, or smollm2 (tuned for the embedded model; its default)",
+)
 parser.add_argument("--train-samples", type=int, default=50)
 parser.add_argument("--length", type=int, default=1024, help="training sample length in tokens")
 parser.add_argument("--prompt-format", default="chat_prefill", help="'plain' for base models without a chat template")
@@ -44,18 +59,23 @@ args = parser.parse_args()
 
 model, tokenizer = load_model(args.model)
 model = get_peft_model(model, seal_peft.SealConfig(granularity=args.granularity))
+recipe = RECIPES[args.recipe or recipe_for_model(args.model)][args.granularity]
 
 # ~50 samples whose format matches the task and whose content is random (the paper's recipe)
 train = line_retrieval(
     tokenizer, num_samples=args.train_samples, length=args.length, prompt_format=args.prompt_format,
     seed=args.seed, progress=False,
 )
+if recipe.lm_every:  # plain essay text mixed in, so the model stays a good language model
+    train = add_lm_samples(train, tokenizer, every=recipe.lm_every, length=recipe.lm_length, seed=args.seed)
 
 trainer = Trainer(
     model=model,
-    args=seal_training_arguments(  # AdamW, constant lr, 1 epoch
+    args=seal_training_arguments(  # AdamW, constant lr, no weight decay
         f"{args.out}/trainer",
         granularity=args.granularity,
+        learning_rate=recipe.learning_rate,
+        num_train_epochs=recipe.num_train_epochs,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -63,7 +83,7 @@ trainer = Trainer(
     ),
     train_dataset=train,
     data_collator=SealDataCollator(tokenizer, trim_logits=True),  # logits only where the answer is
-    compute_loss_func=seal_loss(model),  # answer-only cross-entropy
+    compute_loss_func=seal_loss(model, scale_pull=recipe.scale_pull),  # answer-only cross-entropy
 )
 if trainer.is_world_process_zero():
     model.print_trainable_parameters()

@@ -2,21 +2,29 @@
 
 ``import seal_peft`` registers the method with PEFT; from then on ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM`` and every other PEFT entry point know
-SEAL adapters (``peft_type: "SEAL"``).
+SEAL adapters (``peft_type: "SEAL"``). Nothing else in PEFT, transformers or huggingface_hub is
+changed: ``model.push_to_hub`` stays transformers' method; :func:`push_to_hub` uploads a SEAL adapter
+with a SEAL model card.
 """
 
 from __future__ import annotations
 
-from ._registration import ensure_registered
-
-ensure_registered()
-
-from .config import TARGET_MODULES_MAPPING, SealConfig  # noqa: E402
-from .layer import SealLayer  # noqa: E402
-from .loading import check_adapter_dir, from_pretrained, save_adapter  # noqa: E402
-from .model import SealModel  # noqa: E402
+from . import _registration
+from .config import TARGET_MODULES_MAPPING, SealConfig
+from .hub import model_card, push_to_hub
+from .layer import SealLayer
+from .loading import check_adapter_dir, from_pretrained, save_adapter
+from .model import SealModel
 
 __version__ = "0.1.0"
+
+
+def ensure_registered() -> None:
+    """Make ``PeftType.SEAL`` and SEAL's config/tuner known to PEFT (done on import; idempotent)."""
+    _registration.register(SealConfig, SealModel)
+
+
+ensure_registered()
 
 __all__ = [
     "SealConfig",
@@ -26,6 +34,8 @@ __all__ = [
     "from_pretrained",
     "save_adapter",
     "check_adapter_dir",
+    "push_to_hub",
+    "model_card",
     "ensure_registered",
     "__version__",
 ]

@@ -5,6 +5,10 @@ already exist in its closed ``PeftType`` enum. The one hack of this package is t
 ``SEAL`` member to that enum (``add_enum_member``); everything else goes through PEFT's public
 registration function. Both steps are idempotent, so importing ``seal_peft`` any number of times (or
 from several places) is safe.
+
+This module imports nothing from seal_peft: ``config.py`` needs only the enum member
+(:func:`seal_peft_type`), and the package ``__init__`` passes the config and tuner classes to
+:func:`register`, so there is no import cycle between the config, the tuner and the registration.
 """
 
 from __future__ import annotations
@@ -44,23 +48,30 @@ def add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> enum.En
     return member
 
 
-def ensure_registered() -> None:
-    """Make ``PeftType.SEAL`` and SEAL's config/tuner known to PEFT (safe to call repeatedly)."""
+def seal_peft_type() -> enum.Enum:
+    """``PeftType.SEAL``, added to PEFT's enum on first use (idempotent, thread-safe)."""
+    from peft.utils import PeftType
+
+    with _LOCK:
+        return add_enum_member(PeftType, NAME, NAME)
+
+
+def register(config_cls: type, model_cls: type) -> None:
+    """Make ``PeftType.SEAL`` and SEAL's config/tuner classes known to PEFT (safe to call repeatedly).
+
+    Called by ``seal_peft/__init__.py`` (every ``import seal_peft...`` runs it); use
+    ``seal_peft.ensure_registered()`` to call it again.
+    """
     global _DONE
     if _DONE:
         return
+    peft_type = seal_peft_type()
     with _LOCK:
         if _DONE:
             return
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-        from peft.utils import PeftType, register_peft_method
+        from peft.utils import register_peft_method
 
-        add_enum_member(PeftType, NAME, NAME)
-        if PeftType.SEAL not in PEFT_TYPE_TO_CONFIG_MAPPING:
-            from .config import SealConfig
-            from .model import SealModel
-
-            register_peft_method(
-                name=NAME.lower(), config_cls=SealConfig, model_cls=SealModel, prefix="seal_"
-            )
+        if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+            register_peft_method(name=NAME.lower(), config_cls=config_cls, model_cls=model_cls, prefix="seal_")
         _DONE = True

@@ -16,25 +16,7 @@ from typing import Any
 TASKS = ("line", "kv", "needle")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device_map
 
-# Recommended SEAL settings for the embedded model, chosen on the dev split (docs/results.md): 50
-# samples at 2K tokens, one 512-token essay LM window per 2 samples, shuffled by the Trainer (keeps
-# perplexity at base).
-RECIPES: dict[str, dict[str, Any]] = {
-    "head": {
-        "learning_rate": 3e-2,
-        "num_train_epochs": 1.0,
-        "scale_pull": 0.0,
-        "lm_every": 2,
-        "lm_length": 512,
-    },
-    "channel": {
-        "learning_rate": 2e-2,
-        "num_train_epochs": 1.0,
-        "scale_pull": 0.0,
-        "lm_every": 2,
-        "lm_length": 512,
-    },
-}
+# the recipes (the paper's; the one tuned for the embedded model) live in seal_peft.training.RECIPES
 
 
 def _ints(text: str) -> list[int]:
@@ -186,6 +168,30 @@ def _on_cpu(model) -> bool:
     return input_device(model).type == "cpu" and not getattr(model, "hf_device_map", None)
 
 
+def _recipe_arg(p: argparse.ArgumentParser) -> None:
+    from .training import RECIPES
+
+    def describe(name: str) -> str:
+        head, channel = RECIPES[name]["head"], RECIPES[name]["channel"]
+        lm = f"one {head.lm_length}-token LM window per {head.lm_every} samples" if head.lm_every else "no LM"
+        return f"{name}: lr {head.learning_rate:g} head / {channel.learning_rate:g} channel, {lm}"
+
+    described = "; ".join(describe(name) for name in RECIPES)
+    p.add_argument(
+        "--recipe",
+        choices=("auto", *RECIPES),
+        default="auto",
+        help="training recipe (seal_peft.training.RECIPES): paper = the paper's, smollm2 = tuned for the "
+        f"embedded model on the dev split; auto (default) = smollm2 for the embedded model, else paper ({described})",
+    )
+
+
+def _recipe_name(args) -> str:
+    from .training import recipe_for_model
+
+    return recipe_for_model(args.model) if args.recipe == "auto" else args.recipe
+
+
 def _extend_arg(p: argparse.ArgumentParser, note: str) -> None:
     p.add_argument(
         "--extend",
@@ -314,30 +320,36 @@ def train_variant(
     progress=True,
     lm_every=None,
     lm_length=None,
+    recipe: str = "paper",
     **trainer_overrides,
 ):
-    """Wrap ``model`` with SEAL and train it with the recipe for ``granularity``; returns the PeftModel.
+    """Wrap ``model`` with SEAL and train it with ``seal_peft.training.RECIPES[recipe][granularity]``;
+    returns the PeftModel.
 
     ``lm_every > 0`` adds one plain-text LM window of ``lm_length`` tokens (training essays) per
-    ``lm_every`` retrieval samples (``seal_peft.training.add_lm_samples``; the Trainer shuffles the mix). Arguments left at
-    ``None`` take the recipe's value; ``trainer_overrides`` go to ``TrainingArguments``. A model on
-    the CPU trains on the CPU (the Trainer would otherwise move it to a GPU).
+    ``lm_every`` retrieval samples (``seal_peft.training.add_lm_samples``; the Trainer shuffles the
+    mix). Arguments left at ``None`` take the recipe's value; ``trainer_overrides`` go to
+    ``TrainingArguments``. A model on the CPU trains on the CPU (the Trainer would otherwise move it
+    to a GPU).
     """
+    import dataclasses
+
     from peft import get_peft_model
 
     from .config import SealConfig
-    from .training import add_lm_samples, train_seal
+    from .training import add_lm_samples, get_recipe, train_seal
 
-    recipe = dict(RECIPES[granularity])
-    if learning_rate is not None:
-        recipe["learning_rate"] = learning_rate
-    if epochs is not None:
-        recipe["num_train_epochs"] = epochs
-    if scale_pull is not None:
-        recipe["scale_pull"] = scale_pull
-    recipe_every, recipe_length = recipe.pop("lm_every"), recipe.pop("lm_length")
-    lm_every = recipe_every if lm_every is None else lm_every
-    lm_length = recipe_length if lm_length is None else lm_length
+    chosen = {
+        "learning_rate": learning_rate,
+        "num_train_epochs": epochs,
+        "scale_pull": scale_pull,
+        "lm_every": lm_every,
+        "lm_length": lm_length,
+    }
+    settings = dataclasses.replace(
+        get_recipe(recipe, granularity), **{k: v for k, v in chosen.items() if v is not None}
+    )
+    lm_every, lm_length = settings.lm_every, settings.lm_length
     if lm_every:
         train_ds = add_lm_samples(train_ds, tokenizer, every=lm_every, length=lm_length, seed=seed)
     peft_model = get_peft_model(model, SealConfig(granularity=granularity, layers_to_transform=layers))
@@ -351,7 +363,7 @@ def train_variant(
         progress=progress,
         gradient_checkpointing=gradient_checkpointing,
         **({"use_cpu": True} if _on_cpu(model) else {}),
-        **recipe,
+        **settings.train_kwargs(),
         **trainer_overrides,
     )
     return peft_model
@@ -361,6 +373,7 @@ def cmd_train(args) -> int:
     model, tok = _load_model(args, resolve_dtype(args.dtype))
     _apply_extend(model, tok, args.extend)
     ds = _dataset_from_args(args, tok, essays="train")
+    recipe = _recipe_name(args)
     t0 = time.time()
     peft_model = train_variant(
         model,
@@ -377,13 +390,15 @@ def cmd_train(args) -> int:
         progress=not args.quiet,
         lm_every=args.lm_every,
         lm_length=args.lm_length,
+        recipe=recipe,
     )
     from .extension import record_extension
 
     record_extension(peft_model)  # the extension is saved in adapter_config.json ("extension")
     peft_model.save_pretrained(args.out)
     _log(
-        f"trained SEAL-{args.granularity[0].upper()} on {len(ds)} samples in {time.time() - t0:.0f} s; "
+        f"trained SEAL-{args.granularity[0].upper()} (recipe {recipe}) on {len(ds)} samples in "
+        f"{time.time() - t0:.0f} s; "
         f"adapter saved to {args.out}",
         args.quiet,
     )
@@ -598,6 +613,7 @@ def cmd_demo(args) -> int:
     from .evaluation import plot_accuracy_vs_length
     from .loading import from_pretrained
     from .models import input_device
+    from .training import get_recipe
 
     t_start = time.time()
     progress = not args.quiet
@@ -659,7 +675,8 @@ def cmd_demo(args) -> int:
         label = f"SEAL-{granularity[0].upper()}"
         base, _ = _load_model(args, dtype)
         t0 = time.time()
-        _log(f"[demo] training {label} ({RECIPES[granularity]}) ...", args.quiet)
+        recipe = _recipe_name(args)
+        _log(f"[demo] training {label} (recipe {recipe}: {get_recipe(recipe, granularity)}) ...", args.quiet)
         peft_model = train_variant(
             base,
             tok,
@@ -668,6 +685,7 @@ def cmd_demo(args) -> int:
             os.path.join(args.out, "trainer"),
             seed=args.seed,
             progress=progress,
+            recipe=recipe,
         )
         train_s = time.time() - t0
         adapter_dir = os.path.join(args.out, f"adapter-{granularity}")
@@ -770,6 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--ppl-tokens", type=int, default=2048, help="held-out essay tokens for perplexity (0 = skip)"
     )
+    _recipe_arg(d)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
 
@@ -798,10 +817,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=float,
         default=None,
-        help=f"learning rate (default: the recipe's, {RECIPES['head']['learning_rate']:g} head, "
-        f"{RECIPES['channel']['learning_rate']:g} channel)",
+        help="learning rate (default: the recipe's, see --recipe)",
     )
-    t.add_argument("--epochs", type=float, default=None, help="epochs (default 1)")
+    _recipe_arg(t)
+    t.add_argument("--epochs", type=float, default=None, help="epochs (default: the recipe's, 1)")
     t.add_argument(
         "--scale-pull", type=float, default=None, help="weight of the pull of the scales toward 1 (default 0)"
     )
@@ -812,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="keep the model a good LM: add one plain-text window (training essays) per N samples, "
-        "shuffled with them (default 2, the recipe; 0 = off; docs/training.md)",
+        "shuffled with them (default: the recipe's, 2 for smollm2, 0 = off for paper; docs/training.md)",
     )
     t.add_argument("--lm-length", type=int, default=None, help="tokens per LM window (default 512)")
     t.add_argument(

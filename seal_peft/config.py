@@ -13,7 +13,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-from ._registration import ensure_registered
+from ._registration import seal_peft_type
 
 GRANULARITIES = ("head", "channel")
 # Context-extension methods a SEAL adapter can be trained/evaluated on (see seal_peft/extension.py).
@@ -162,11 +162,8 @@ class SealConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        ensure_registered()
         super().__post_init__()
-        from peft.utils import PeftType
-
-        self.peft_type = PeftType.SEAL
+        self.peft_type = seal_peft_type()  # the enum member only: registration is done by seal_peft/__init__
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"SealConfig.granularity={self.granularity!r} is not supported; use 'head' (SEAL-H, one "

@@ -1,15 +1,16 @@
 """Sharing SEAL adapters on the Hugging Face Hub with a model card that says what they are.
 
-``model.push_to_hub(repo_id)`` on a SEAL ``PeftModel`` (after ``import seal_peft``) and
-:func:`push_to_hub` upload the adapter files (``adapter_config.json``, ``adapter_model.safetensors``,
-one sub-folder per extra adapter) plus a ``README.md`` model card with ``library_name: peft``, the
-base model, the tags ``seal`` / ``seal-peft`` / ``peft``, each adapter's granularity and target
-modules, a description of the training data and how to load it (``import seal_peft`` first).
+:func:`push_to_hub` (also ``seal_peft.push_to_hub``) uploads a SEAL ``PeftModel`` or a saved SEAL adapter
+folder: the adapter files (``adapter_config.json``, ``adapter_model.safetensors``, one sub-folder per
+extra adapter) plus a ``README.md`` model card with ``library_name: peft``, the base model, the tags
+``seal`` / ``seal-peft`` / ``peft``, each adapter's granularity and target modules, a description of the
+training data and how to load it (``import seal_peft`` first). :func:`model_card` returns the card text.
 
-Why not transformers' ``push_to_hub`` as is: in transformers 5 it replaces the card PEFT writes with a
-generic ``library_name: transformers`` card (``create_and_tag_model_card``), which tells a reader
-nothing about the adapter and hides the ``import seal_peft`` step; PEFT models other than SEAL keep
-the stock behaviour.
+It is an explicit function on ``huggingface_hub.HfApi.upload_folder``, not a change of
+``PeftModel.push_to_hub``: ``import seal_peft`` leaves PEFT, transformers and huggingface_hub as they are,
+so ``model.push_to_hub(repo_id)`` is transformers' stock method for every PEFT model, SEAL included (in
+transformers 5 it writes a generic ``library_name: transformers`` card over PEFT's, which says nothing
+about the adapter and hides the ``import seal_peft`` step).
 
 Loading by repo id is plain PEFT (``PeftModel.from_pretrained(base, "org/name")``) and works offline
 from the local Hub cache with ``HF_HUB_OFFLINE=1``.
@@ -17,12 +18,16 @@ from the local Hub cache with ``HF_HUB_OFFLINE=1``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import tempfile
 from typing import Any
 
 from torch import nn
+
+from .config import SealConfig
 
 SEAL_TAGS = ("seal", "seal-peft", "peft", "long-context", "retrieval")
 _PAPER = "https://arxiv.org/abs/2501.15225"
@@ -30,8 +35,6 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _seal_configs(model: nn.Module) -> dict[str, Any]:
-    from .config import SealConfig
-
     configs = getattr(model, "peft_config", None) or {}
     return {name: cfg for name, cfg in configs.items() if isinstance(cfg, SealConfig)}
 
@@ -66,18 +69,76 @@ def _num_scales(model: nn.Module, adapter: str) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if n.endswith(suffix))
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _folder_adapters(folder: str | os.PathLike) -> dict[str, str]:
+    """``{adapter name: sub-folder}`` of the SEAL adapters saved in ``folder`` ("" = the ``default`` one).
+
+    Where ``save_pretrained`` puts them: the ``default`` adapter at the root, every other adapter in a
+    sub-folder named after it. Each is validated (:func:`seal_peft.check_adapter_dir`): SEAL, complete
+    weight file, no pickle.
+    """
+    from .loading import check_adapter_dir
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(
+            f"{folder!r} is not a folder. Pass a PeftModel with SEAL adapters or a folder written by "
+            f"model.save_pretrained(folder) / seal_peft.save_adapter(model, folder)."
+        )
+    subs = [""] + sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    found = {}
+    for sub in subs:
+        path = os.path.join(folder, sub)
+        if os.path.isfile(os.path.join(path, ADAPTER_FILES[0])):
+            check_adapter_dir(path)
+            found[sub or "default"] = sub
+    if not found:
+        raise ValueError(
+            f"{folder!r} holds no SEAL adapter (no {ADAPTER_FILES[0]} at its root or in a sub-folder). Save one "
+            f"with model.save_pretrained(folder) or seal_peft.save_adapter(model, folder)."
+        )
+    return found
+
+
+def _folder_entries(folder: str | os.PathLike) -> dict[str, tuple[SealConfig, int]]:
+    """``{adapter name: (config, number of scales)}`` read from a saved adapter folder."""
+    import inspect
+
+    from safetensors import safe_open
+
+    known = set(inspect.signature(SealConfig.__init__).parameters) - {"self"}
+    entries = {}
+    for name, sub in _folder_adapters(folder).items():
+        path = os.path.join(os.fspath(folder), sub)
+        with open(os.path.join(path, ADAPTER_FILES[0]), encoding="utf-8") as f:
+            config = SealConfig(**{k: v for k, v in json.load(f).items() if k in known})
+        count = 0
+        with safe_open(os.path.join(path, ADAPTER_FILES[1]), framework="pt") as f:
+            for key in f.keys():
+                if ".seal_scale" in key:
+                    n = 1
+                    for dim in f.get_slice(key).get_shape():
+                        n *= dim
+                    count += n
+        entries[name] = (config, count)
+    return entries
+
+
 def model_card(
-    model: nn.Module,
+    model_or_folder: nn.Module | str | os.PathLike,
     repo_id: str | None = None,
     *,
     training_data: str | None = None,
     base_model: str | None = None,
     tags: list[str] | None = None,
 ) -> str:
-    """The ``README.md`` text (YAML metadata + markdown) describing the SEAL adapters of ``model``.
+    """The ``README.md`` text (YAML metadata + markdown) describing SEAL adapters.
 
     Args:
-        model: a ``PeftModel`` with SEAL adapter(s).
+        model_or_folder: a ``PeftModel`` with SEAL adapter(s), or a folder they were saved to
+            (``save_pretrained`` / ``seal_peft.save_adapter``).
         repo_id: where it will live (used in the loading snippet).
         training_data: one or a few sentences on the data the scales were trained on (the paper's
             recipe: ~50 synthetic samples in the task's format). Recorded as given.
@@ -87,12 +148,17 @@ def model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    configs = _seal_configs(model)
-    if not configs:
-        raise ValueError(
-            f"model_card() needs a PeftModel with SEAL adapters; {type(model).__name__} has none. Create it with "
-            f"peft.get_peft_model(model, seal_peft.SealConfig(...)) after `import seal_peft`."
-        )
+    if isinstance(model_or_folder, (str, os.PathLike)):
+        entries = _folder_entries(model_or_folder)
+    else:
+        model = model_or_folder
+        entries = {name: (cfg, _num_scales(model, name)) for name, cfg in _seal_configs(model).items()}
+        if not entries:
+            raise ValueError(
+                f"model_card() needs a PeftModel with SEAL adapters; {type(model).__name__} has none. Create it "
+                f"with peft.get_peft_model(model, seal_peft.SealConfig(...)) after `import seal_peft`."
+            )
+    configs = {name: cfg for name, (cfg, _) in entries.items()}
     first = next(iter(configs.values()))
     recorded_base = getattr(first, "base_model_name_or_path", None)
     hub_base = base_model or _hub_base_model(recorded_base)
@@ -130,7 +196,7 @@ def model_card(
             else ("SEAL-C (one scale per channel)")
         )
         folder = "(repo root)" if name == "default" else f"`{name}/`"
-        rows.append(f"| `{name}` | {folder} | {kind} | {targets} | {_num_scales(model, name):,} |")
+        rows.append(f"| `{name}` | {folder} | {kind} | {targets} | {entries[name][1]:,} |")
     extra = [n for n in configs if n != "default"]
     # Extra adapters live in sub-folders. Load them from a local snapshot: PEFT 0.21's
     # load_adapter(repo, subfolder=...) looks for <sub>/<sub>/... when HF_HUB_OFFLINE=1.
@@ -183,8 +249,17 @@ checkpoint that vLLM, TGI or llama.cpp load like the base model.
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + text).content
 
 
+def _library_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("seal-peft")
+    except PackageNotFoundError:  # run from a source tree without installing
+        return None
+
+
 def push_to_hub(
-    model: nn.Module,
+    model_or_folder: nn.Module | str | os.PathLike,
     repo_id: str,
     *,
     training_data: str | None = None,
@@ -198,68 +273,52 @@ def push_to_hub(
     tags: list[str] | None = None,
     **save_kwargs: Any,
 ):
-    """Upload the SEAL adapter(s) of ``model`` and a SEAL model card to ``repo_id``; return the commit.
+    """Upload SEAL adapter(s) and a SEAL model card to ``repo_id`` in one commit; return the ``CommitInfo``.
 
-    One commit through ``huggingface_hub.HfApi``: ``create_repo(exist_ok=True)``, then
-    ``create_commit`` with the files ``model.save_pretrained`` writes plus ``README.md`` (see
-    :func:`model_card`; an existing card in the repo is replaced). ``save_kwargs`` go to
-    ``save_pretrained`` (e.g. ``selected_adapters=["task_a"]``).
+    ``model_or_folder``: a ``PeftModel`` with SEAL adapters (saved with ``save_pretrained(**save_kwargs)``,
+    e.g. ``selected_adapters=["task_a"]``), or a folder it was saved to (its adapter files are uploaded:
+    ``adapter_config.json`` + ``adapter_model.safetensors`` at the root and in each adapter sub-folder;
+    other files in it are not, and the folder is not changed). ``README.md`` is :func:`model_card` of
+    exactly the uploaded adapters; it replaces a card already in the repository.
+
+    Through ``huggingface_hub.HfApi``: ``create_repo(exist_ok=True)``, ``create_branch`` for a
+    ``revision`` that is not a PR, then ``upload_folder``. Everything is checked before the first request.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
 
-    from . import __version__
-
-    readme = model_card(model, repo_id, training_data=training_data, base_model=base_model, tags=tags)
-    api = HfApi(library_name="seal-peft", library_version=__version__)
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    is_folder = isinstance(model_or_folder, (str, os.PathLike))
+    if is_folder and save_kwargs:
+        raise TypeError(
+            f"push_to_hub(folder, ...) got {', '.join(sorted(save_kwargs))}: save_pretrained keywords apply only "
+            f"when passing a model; a folder is uploaded as saved (save the adapters you want with "
+            f"model.save_pretrained(folder, selected_adapters=[...]), or pass the model)."
+        )
+    if not is_folder and not is_seal_model(model_or_folder):
+        raise ValueError(
+            f"seal_peft.push_to_hub needs a PeftModel with SEAL adapters or a saved SEAL adapter folder; got a "
+            f"{type(model_or_folder).__name__} without one. Other PEFT models: use model.push_to_hub(repo_id)."
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        save_kwargs.pop("max_shard_size", None)  # transformers' argument; adapters are never sharded
-        model.save_pretrained(tmp, **save_kwargs)
+        if is_folder:
+            for sub in _folder_adapters(model_or_folder).values():
+                os.makedirs(os.path.join(tmp, sub), exist_ok=True)
+                for name in ADAPTER_FILES:
+                    shutil.copyfile(os.path.join(model_or_folder, sub, name), os.path.join(tmp, sub, name))
+        else:
+            model_or_folder.save_pretrained(tmp, **save_kwargs)
+        readme = model_card(tmp, repo_id, training_data=training_data, base_model=base_model, tags=tags)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(readme)
-        operations = []
-        for root, _, files in os.walk(tmp):
-            for file in sorted(files):
-                path = os.path.join(root, file)
-                in_repo = os.path.relpath(path, tmp).replace(os.sep, "/")
-                with open(path, "rb") as fh:
-                    operations.append(CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=fh.read()))
+        api = HfApi(library_name="seal-peft", library_version=_library_version())
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         if revision is not None and not create_pr:
             api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
-        return api.create_commit(
+        return api.upload_folder(
             repo_id=repo_id,
-            operations=operations,
+            folder_path=tmp,
             commit_message=commit_message or "Upload SEAL adapter",
             commit_description=commit_description,
             token=token,
-            create_pr=create_pr,
             revision=revision,
+            create_pr=create_pr,
         )
-
-
-_ORIGINAL_PUSH = "_seal_original_push_to_hub"
-
-
-def install_push_to_hub() -> None:
-    """Route ``PeftModel.push_to_hub`` to :func:`push_to_hub` for models with SEAL adapters (idempotent).
-
-    Other PEFT models call the original method unchanged.
-    """
-    from peft import PeftModel
-
-    if hasattr(PeftModel, _ORIGINAL_PUSH):
-        return
-    original = PeftModel.push_to_hub
-
-    def seal_aware_push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
-        if is_seal_model(self):
-            return push_to_hub(self, repo_id, *args, **kwargs)
-        kwargs.pop("training_data", None)
-        return original(self, repo_id, *args, **kwargs)
-
-    seal_aware_push_to_hub.__doc__ = (original.__doc__ or "") + (
-        "\n\nFor SEAL adapters (seal_peft installed): see seal_peft.hub.push_to_hub (SEAL model card; extra "
-        "keyword training_data=...)."
-    )
-    setattr(PeftModel, _ORIGINAL_PUSH, original)
-    PeftModel.push_to_hub = seal_aware_push_to_hub

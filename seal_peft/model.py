@@ -431,10 +431,3 @@ def _warn_if_extension_missing(model: nn.Module, config: SealConfig, adapter_nam
         UserWarning,
         stacklevel=2,
     )
-
-
-# `PeftModel.push_to_hub` (transformers' mixin) replaces PEFT's model card with a generic transformers one;
-# SEAL adapters get a card that says what they are and how to load them (seal_peft/hub.py).
-from .hub import install_push_to_hub  # noqa: E402
-
-install_push_to_hub()

@@ -1,6 +1,7 @@
-"""Training SEAL with the stock HF ``Trainer``: a collator, recommended arguments, and two optional
-ways to keep the rest of the model intact (a pull of the scales toward 1, and plain-text LM samples
-mixed into the data). Nothing here replaces the Trainer's loop.
+"""Training SEAL with the stock HF ``Trainer``: the recipes (:data:`RECIPES`, the one source of them), a
+collator, recommended arguments, and two optional ways to keep the rest of the model intact (a pull of
+the scales toward 1, and plain-text LM samples mixed into the data). Nothing here replaces the
+Trainer's loop.
 
 Example::
 
@@ -21,8 +22,66 @@ from typing import Any
 import torch
 from torch import nn
 
-#: the paper's learning rates (LongEval line retrieval, 7B): SEAL-H 1e-2, SEAL-C 2e-2
-DEFAULT_LR = {"head": 1e-2, "channel": 2e-2}
+GRANULARITIES = ("head", "channel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How to train one SEAL variant: the ``train_seal`` settings and the LM mixing.
+
+    ``lm_every > 0``: one plain-text LM window of ``lm_length`` tokens from the training essays per
+    ``lm_every`` retrieval samples (:func:`add_lm_samples`; the Trainer shuffles the mix).
+    """
+
+    learning_rate: float
+    num_train_epochs: float = 1.0
+    scale_pull: float = 0.0
+    lm_every: int = 0
+    lm_length: int = 512
+
+    def train_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`train_seal` this recipe sets."""
+        return {
+            "learning_rate": self.learning_rate,
+            "num_train_epochs": self.num_train_epochs,
+            "scale_pull": self.scale_pull,
+        }
+
+
+#: Every recipe, by name then granularity: the one source that the CLI, the examples and the benchmarks
+#: read. Both train on ~50 synthetic samples with AdamW, a constant learning rate, no weight decay, batch 1.
+RECIPES: dict[str, dict[str, Recipe]] = {
+    # the paper's (Lee et al. 2025; LongEval line retrieval on 7B models): 1 epoch, no LM mixing
+    "paper": {"head": Recipe(learning_rate=1e-2), "channel": Recipe(learning_rate=2e-2)},
+    # tuned for the embedded SmolLM2-135M-Instruct on the dev split (docs/results.md): with 50 samples at
+    # 2K tokens, one 512-token essay LM window per 2 samples (keeps essay perplexity at base); SEAL-H
+    # needs a higher learning rate than the paper's on this model
+    "smollm2": {
+        "head": Recipe(learning_rate=3e-2, lm_every=2, lm_length=512),
+        "channel": Recipe(learning_rate=2e-2, lm_every=2, lm_length=512),
+    },
+}
+
+#: the paper's learning rates (``RECIPES["paper"]``), the default of :func:`seal_training_arguments`
+DEFAULT_LR = {g: r.learning_rate for g, r in RECIPES["paper"].items()}
+
+
+def get_recipe(name: str, granularity: str) -> Recipe:
+    """``RECIPES[name][granularity]`` with errors that list the choices."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe {name!r}: use one of {', '.join(RECIPES)} (seal_peft.training.RECIPES).")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r}: use 'head' or 'channel'.")
+    return RECIPES[name][granularity]
+
+
+def recipe_for_model(name_or_path: Any) -> str:
+    """The recipe to use by default for a model: ``"smollm2"`` for the embedded SmolLM2-135M-Instruct
+    (``None`` / ``"smollm2"``: the model it was tuned on), ``"paper"`` for every other model."""
+    from .models import EMBEDDED_MODELS, _resolve_embedded
+
+    spec = _resolve_embedded(name_or_path)
+    return "smollm2" if spec is not None and spec.name == EMBEDDED_MODELS["smollm2"].name else "paper"
 
 
 class SealDataCollator:
@@ -95,7 +154,8 @@ def seal_training_arguments(
 ):
     """``TrainingArguments`` with the paper's recipe for SEAL.
 
-    AdamW, constant learning rate (1e-2 for ``"head"``, 2e-2 for ``"channel"`` unless given), no
+    AdamW, constant learning rate (the paper's, ``RECIPES["paper"]``: 1e-2 for ``"head"``, 2e-2 for
+    ``"channel"``, unless given), no
     warm-up, no weight decay on the scales, 1 epoch, batch 1 (+ optional accumulation), optional
     gradient checkpointing (non-reentrant, so the frozen model needs no input grads). No
     checkpoints or reports by default; anything can be overridden by keyword.

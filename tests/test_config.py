@@ -15,8 +15,8 @@ from peft import PeftConfig, PeftType, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 import seal_peft
-from seal_peft import SealConfig, SealModel
-from seal_peft._registration import add_enum_member, ensure_registered
+from seal_peft import SealConfig, SealModel, ensure_registered
+from seal_peft._registration import add_enum_member
 
 REGISTRATION = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "seal_peft", "_registration.py"

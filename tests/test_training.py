@@ -196,10 +196,11 @@ def test_recipe_mixes_lm_samples_unless_turned_off(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(training, "train_seal", lambda m, t, ds, out, **kw: seen.update(n=len(ds), kw=kw))
-    cli.train_variant(make_model("llama"), Tok(), _rows(6), "channel", "unused")
-    assert seen["n"] == 6 + 3 and seen["kw"]["learning_rate"] == cli.RECIPES["channel"]["learning_rate"]
+    cli.train_variant(make_model("llama"), Tok(), _rows(6), "channel", "unused", recipe="smollm2")
+    tuned = training.RECIPES["smollm2"]["channel"]
+    assert seen["n"] == 6 + 3 and seen["kw"]["learning_rate"] == tuned.learning_rate
     assert "lm_every" not in seen["kw"] and "lm_length" not in seen["kw"]  # not Trainer arguments
-    cli.train_variant(make_model("llama"), Tok(), _rows(6), "head", "unused", lm_every=0)
+    cli.train_variant(make_model("llama"), Tok(), _rows(6), "head", "unused", lm_every=0, recipe="smollm2")
     assert seen["n"] == 6
 
 
@@ -223,3 +224,61 @@ def test_lm_windows_are_a_ratio_the_trainer_shuffles_unless_sequential(tmp_path)
     keep = sampler(train_sampling_strategy="sequential")
     assert isinstance(keep, SequentialSampler)
     assert [mixed[i]["labels"] == mixed[i]["input_ids"] for i in keep] == [False, False, True] * 3
+
+
+def test_one_source_of_recipes(monkeypatch):
+    """The CLI, the helpers, the example and the benchmarks read seal_peft.training.RECIPES (the CLI had
+    its own copy with SEAL-H lr 3e-2 while everything else said 1e-2)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    import seal_peft.training as training
+    from seal_peft import cli
+    from seal_peft.training import RECIPES, recipe_for_model
+
+    assert not hasattr(cli, "RECIPES")
+    assert set(RECIPES) == {"paper", "smollm2"}
+    paper, tuned = RECIPES["paper"], RECIPES["smollm2"]
+    assert (paper["head"].learning_rate, paper["channel"].learning_rate) == (1e-2, 2e-2)  # the paper's
+    assert (tuned["head"].learning_rate, tuned["channel"].learning_rate) == (3e-2, 2e-2)
+    assert paper["head"].lm_every == 0 and tuned["head"].lm_every == tuned["channel"].lm_every == 2
+    for g in ("head", "channel"):
+        assert seal_training_arguments("unused", granularity=g).learning_rate == paper[g].learning_rate
+
+    # the CLI: the tuned recipe for the embedded model, the paper's for any other, or the one asked for
+    class CharTok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    assert recipe_for_model(None) == recipe_for_model("smollm2") == "smollm2"
+    assert recipe_for_model("gpt2") == recipe_for_model("gemma3-270m") == "paper"
+    seen = []
+    monkeypatch.setattr(training, "train_seal", lambda m, t, ds, out, **kw: seen.append((len(ds), kw)))
+    parse = cli.build_parser().parse_args
+    for argv, model_name, expect in [
+        ([], None, tuned["head"]),
+        (["--model", "some/model"], "some/model", paper["head"]),
+        (["--recipe", "paper"], None, paper["head"]),
+    ]:
+        args = parse(["train", "--out", "x", *argv])
+        assert args.model == model_name
+        recipe = cli._recipe_name(args)
+        cli.train_variant(make_model("llama"), CharTok(), _rows(6), "head", "unused", recipe=recipe)
+        windows = 6 // expect.lm_every if expect.lm_every else 0
+        assert seen[-1][1]["learning_rate"] == expect.learning_rate and seen[-1][0] == 6 + windows
+
+    # the benchmarks' optimizer rates and the example's defaults come from the same table
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_common", root / "benchmarks" / "_common.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_common"] = bench
+    spec.loader.exec_module(bench)
+    assert bench.LEARNING_RATE["seal-h"] == paper["head"].learning_rate
+    assert bench.LEARNING_RATE["seal-c"] == paper["channel"].learning_rate
+    example = (root / "examples" / "train_line_retrieval.py").read_text()
+    assert "RECIPES[" in example and "learning_rate=recipe.learning_rate" in example
+    readme = (root / "README.md").read_text()
+    for name, recipe in RECIPES.items():  # the README states both
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}`"))
+        assert f"| {recipe['head'].learning_rate:.0e}".replace("e-0", "e-") in row
