@@ -1,0 +1,246 @@
+"""Worker for tests/test_ecosystem_fsdp.py: 3 SEAL training steps on a tiny Llama, sharded or not.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py --mode fsdp2 --out DIR
+    python tests/distributed_worker.py --mode single --out DIR        # or run_single() in-process
+
+Every mode trains SEAL-H and SEAL-C (AdamW, the recipe) and SEAL-H with SGD from the same base
+model on the same 6 samples (3 steps of an effective batch of 2): ``single`` = one process, batch 2; ``fsdp1`` / ``fsdp2`` = 2 processes (gloo,
+CPU), batch 1 each, sharded with :mod:`seal_peft.distributed`. All samples have the same length and
+the same number of answer tokens, so the per-rank token mean averaged over ranks (what FSDP's
+gradient reduction computes) equals the token mean over the whole batch of the single process.
+Writes ``DIR/<run>/adapter`` (saved by rank 0), ``DIR/<run>/record-rank<r>.json`` (losses,
+gathered scales, FSDP unit layout) and, for fsdp1, what PEFT's own wrap policy did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import seal_peft  # noqa: E402
+from seal_peft.distributed import (  # noqa: E402
+    fsdp2_shard,
+    fsdp_auto_wrap_policy,
+    full_adapter_state_dict,
+    save_sharded_adapter,
+)
+from seal_peft.training import DEFAULT_LR, SealDataCollator, seal_loss  # noqa: E402
+
+#: (name, granularity, optimizer): the recipe's AdamW for SEAL-H and SEAL-C, plus plain SGD, whose
+#: update is proportional to the gradient (AdamW's is not: it would hide a summed-instead-of-averaged
+#: gradient across ranks)
+RUNS = (("head", "head", "adamw"), ("channel", "channel", "adamw"), ("head-sgd", "head", "sgd"))
+SGD_LR = 10.0
+STEPS, WORLD, LENGTH, ANSWER = 3, 2, 48, 4
+
+
+def build_model(seed: int = 0):
+    """The tiny base model (2 layers, 4 query heads of 8, 2 KV heads), identical in every process."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def samples() -> list[dict]:
+    """STEPS * WORLD samples of LENGTH tokens; the last ANSWER tokens are supervised."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(STEPS * WORLD):
+        ids = torch.randint(2, 96, (LENGTH,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * (LENGTH - ANSWER) + ids[-ANSWER:]})
+    return out
+
+
+def peft_model(granularity: str):
+    from peft import get_peft_model
+
+    return get_peft_model(build_model(), seal_peft.SealConfig(granularity=granularity))
+
+
+def train(model, scale_params, granularity: str, rank: int, world: int, optimizer: str = "adamw") -> list[float]:
+    """STEPS optimizer steps; this process takes samples ``rank::world`` of each step's batch of WORLD."""
+    collate = SealDataCollator(pad_token_id=0, trim_logits=True)
+    loss_fn = seal_loss(model)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(scale_params, lr=DEFAULT_LR[granularity], weight_decay=0.0)
+    else:
+        opt = torch.optim.SGD(scale_params, lr=SGD_LR)
+    data, losses = samples(), []
+    model.train()
+    for step in range(STEPS):
+        batch = collate(data[step * WORLD : (step + 1) * WORLD][rank::world])
+        labels = batch.pop("labels")
+        loss = loss_fn(model(**batch, use_cache=False), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _fsdp1_units(model) -> list[dict]:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    units = []
+    for unit in FSDP.fsdp_modules(model):
+        flat = unit._flat_param
+        if flat is None:
+            continue
+        units.append(
+            {
+                "module": type(unit.module).__name__,
+                "params": list(flat._fqns),
+                "requires_grad": bool(flat.requires_grad),
+                "local_numel": flat.numel(),
+                "full_numel": int(sum(flat._numels)),
+            }
+        )
+    return units
+
+
+def _owned(module, is_unit) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters of ``module`` that no nested unit (``is_unit``) owns."""
+    out = []
+
+    def walk(m, prefix):
+        out.extend((prefix + n, p) for n, p in m.named_parameters(recurse=False))
+        for child_name, child in m.named_children():
+            if not is_unit(child):
+                walk(child, f"{prefix}{child_name}.")
+
+    walk(module, "")
+    return out
+
+
+def _fsdp2_units(model) -> list[dict]:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    units = []
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        params = [
+            {
+                "name": name,
+                "requires_grad": p.requires_grad,
+                "dtensor": isinstance(p, DTensor),
+                "local_numel": p.to_local().numel() if isinstance(p, DTensor) else p.numel(),
+                "full_numel": p.numel(),
+            }
+            for name, p in _owned(module, lambda m: isinstance(m, FSDPModule))
+        ]
+        units.append({"module": type(module).__name__, "params": params})
+    return units
+
+
+def peft_policy_error() -> str | None:
+    """What FSDP1 says to a SEAL model wrapped with PEFT's own policy (use_orig_params=False)."""
+    from peft.utils.other import fsdp_auto_wrap_policy as peft_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = peft_model("head")
+    try:
+        FSDP(model, auto_wrap_policy=peft_policy(model), use_orig_params=False, device_id=torch.device("cpu"))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def run_distributed(mode: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == WORLD, f"run with --nproc_per_node {WORLD}"
+    if mode == "fsdp1" and rank == 0:
+        with open(os.path.join(out, "peft_policy.json"), "w") as f:
+            json.dump({"error": peft_policy_error()}, f)
+    elif mode == "fsdp1":
+        peft_policy_error()  # the wrap is collective: every rank takes part
+    for name, granularity, optimizer in RUNS:
+        model = peft_model(granularity)
+        if mode == "fsdp1":
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            model = FSDP(
+                model,
+                auto_wrap_policy=fsdp_auto_wrap_policy(model),
+                use_orig_params=False,
+                device_id=torch.device("cpu"),
+            )
+            units = _fsdp1_units(model)
+        elif mode == "fsdp2":
+            model = fsdp2_shard(model)
+            units = _fsdp2_units(model)
+        else:
+            raise ValueError(f"mode {mode!r}")
+        # gathering before the first forward must not disturb FSDP's lazy initialisation
+        initial = full_adapter_state_dict(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        losses = train(model, params, granularity, rank, world, optimizer)
+        path = os.path.join(out, name)
+        save_sharded_adapter(model, os.path.join(path, "adapter"))
+        scales = full_adapter_state_dict(model)  # every rank gets the full scales
+        torch.save(scales, os.path.join(path, f"scales-rank{rank}.pt"))
+        record = {
+            "losses": losses,
+            "units": units,
+            "world": world,
+            "initial_all_ones": all(bool((v == 1).all()) for v in initial.values()),
+            "num_trainable": len(params),
+        }
+        with open(os.path.join(path, f"record-rank{rank}.json"), "w") as f:
+            json.dump(record, f)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_single(out: str) -> None:
+    for name, granularity, optimizer in RUNS:
+        model = peft_model(granularity)
+        params = [p for p in model.parameters() if p.requires_grad]
+        losses = train(model, params, granularity, rank=0, world=1, optimizer=optimizer)
+        path = os.path.join(out, name)
+        save_sharded_adapter(model, os.path.join(path, "adapter"))  # not distributed: a plain save
+        scales = {n: p.detach().clone() for n, p in model.named_parameters() if "seal_scale" in n}
+        torch.save(scales, os.path.join(path, "scales-rank0.pt"))
+        with open(os.path.join(path, "record-rank0.json"), "w") as f:
+            json.dump({"losses": losses, "units": [], "world": 1, "num_trainable": len(params)}, f)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", required=True, choices=["single", "fsdp1", "fsdp2"])
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    for name, _, _ in RUNS:
+        os.makedirs(os.path.join(args.out, name), exist_ok=True)
+    if args.mode == "single":
+        run_single(args.out)
+    else:
+        run_distributed(args.mode, args.out)
+
+
+if __name__ == "__main__":
+    main()
