@@ -140,6 +140,41 @@ def test_trainer_with_recommended_args_lowers_answer_loss(tmp_path, granularity)
     assert not torch.allclose(scales, torch.ones_like(scales))
 
 
+@pytest.mark.parametrize("granularity", ["head", "channel"])
+def test_recipe_gradient_checkpointing_gives_the_same_step(tmp_path, granularity):
+    """seal_training_arguments(gradient_checkpointing=True) really checkpoints (every SEAL layer runs twice
+    per step), and the step it takes is exactly the one without checkpointing."""
+    from seal_peft.layer import SealLayer
+
+    rows = _rows(2)
+    scales, calls = {}, {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(make_model("llama"), SealConfig(granularity=granularity, init_weights=False))
+        layers = [m for m in model.modules() if isinstance(m, SealLayer)]
+        seen: list[int] = []
+        for m in layers:
+            m.register_forward_pre_hook(lambda *_, seen=seen: seen.append(1))
+        args = seal_training_arguments(
+            str(tmp_path / str(ckpt)),
+            granularity=granularity,
+            disable_tqdm=True,
+            use_cpu=True,
+            gradient_checkpointing=ckpt,
+            optim="sgd",  # the update is the gradient itself (AdamW's first step is ~lr * sign(grad))
+            learning_rate=1.0,
+            max_steps=1,
+        )
+        Trainer(
+            model=model, args=args, train_dataset=rows, data_collator=SealDataCollator(pad_token_id=0)
+        ).train()
+        scales[ckpt] = [m.seal_scale["default"].detach().clone() for m in layers]
+        calls[ckpt] = len(seen)
+    assert calls == {False: len(scales[False]), True: 2 * len(scales[True])}
+    for plain, checkpointed in zip(scales[False], scales[True]):
+        assert torch.equal(plain, checkpointed)
+
+
 def test_trimmed_logits_give_the_same_loss_and_gradient():
     from seal_peft.training import seal_loss
 
