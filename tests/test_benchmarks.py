@@ -172,8 +172,11 @@ def test_long_input_inference_equals_merged_exactly(dtype, granularity):
     ids = torch.randint(0, 512, (1, 160))  # 160 rows > 2 * 64 output features of o_proj
     with torch.no_grad():
         assert torch.equal(unmerged(ids).logits, merged(ids).logits)
-        short = ids[:, :16]  # activation path: equal up to rounding
-        torch.testing.assert_close(unmerged(short).logits, merged(short).logits, atol=0.1, rtol=0.05)
+        short = ids[:, :16]  # activation path: equal up to rounding (measured: fp32 2e-7, bf16 4e-3)
+        tol = 1e-5 if dtype == torch.float32 else 1.6e-2  # bf16: 4 ulp of logits ~0.6 (measured: 1 ulp)
+        torch.testing.assert_close(unmerged(short).logits, merged(short).logits, atol=tol, rtol=0)
+        # the adapter moves the logits far more than that (~0.2), so the check is not vacuous
+        assert (unmerged(short).logits - base(short).logits).abs().max() > 10 * tol
 
 
 def test_long_input_paths_keep_gradients_and_hooks():

@@ -15,7 +15,9 @@ ADAPTERS = ["task_a", "task_b", "task_c"]
 def multi_adapter_model(arch: str, granularities=("head", "channel", "head")):
     torch.manual_seed(0)
     model = get_peft_model(
-        make_model(arch), SealConfig(granularity=granularities[0], init_weights=False), adapter_name=ADAPTERS[0]
+        make_model(arch),
+        SealConfig(granularity=granularities[0], init_weights=False),
+        adapter_name=ADAPTERS[0],
     )
     for name, gran in zip(ADAPTERS[1:], granularities[1:]):
         model.add_adapter(name, SealConfig(granularity=gran, init_weights=False))
@@ -75,10 +77,25 @@ def test_mixed_batch_with_padding_and_beam_search():
         mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
         for i, name in enumerate(names):
             alone = single(model, name, ids[i : i + 1], mask[i : i + 1])
-            torch.testing.assert_close(mixed[i, mask[i].bool()], alone[0, mask[i].bool()], rtol=1e-5, atol=1e-5)
-        out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, num_beams=2,
-                             max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert out.shape[0] == 2
+            torch.testing.assert_close(
+                mixed[i, mask[i].bool()], alone[0, mask[i].bool()], rtol=1e-5, atol=1e-5
+            )
+        kw = dict(num_beams=3, max_new_tokens=4, do_sample=False, pad_token_id=0, early_stopping=True)
+        kw |= dict(return_dict_in_generate=True, output_scores=True)
+        out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kw)
+        # beam search repeats every sample num_beams times: each sample's beams must use its own adapter,
+        # i.e. give exactly the sequences (and beam scores) of that sample generated alone with its adapter
+        for i, name in enumerate(names):
+            model.set_adapter(name)
+            alone = model.generate(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], **kw)
+            assert torch.equal(out.sequences[i : i + 1], alone.sequences)
+            torch.testing.assert_close(
+                out.sequences_scores[i : i + 1], alone.sequences_scores, rtol=1e-5, atol=1e-6
+            )
+        # and the two adapters lead to different beams here, so a mix-up would be caught
+        model.set_adapter(names[1])
+        swapped = model.generate(input_ids=ids[:1], attention_mask=mask[:1], **kw)
+    assert not torch.equal(swapped.sequences, out.sequences[:1])
 
 
 def test_mixed_batch_errors():

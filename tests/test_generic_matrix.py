@@ -244,6 +244,13 @@ def close(a, b, tol=1e-5):
     torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
+def assert_ulp_close(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 1.0) -> None:
+    """``|actual - expected| <= ulps * eps * |expected|`` elementwise (eps of the dtype): unmerge by division."""
+    err = (actual.double() - expected.double()).abs()
+    bound = ulps * torch.finfo(expected.dtype).eps * expected.double().abs()
+    assert bool((err <= bound).all()), f"unmerge error {float((err - bound).max()):.3g} above {ulps} ulp"
+
+
 def assert_plain(model, arch):
     assert not any(isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)) for m in model.modules())
     assert not hasattr(model, "peft_config")
@@ -322,8 +329,8 @@ def test_merge_idempotent_safe_and_unmerge(case, arch):
     model.unmerge_adapter()
     assert not any(layer.merged for layer in layers.values())
     assert all(not layer._seal_merge_state for layer in layers.values())
-    for n, w in base_weights(model).items():
-        close(w, before[n], tol=1e-6)
+    for n, w in base_weights(model).items():  # fp32: one division per merged adapter, <= 1 ulp each
+        assert_ulp_close(w, before[n], ulps=len([a for a in case.active if a in layers[n].seal_scale]))
     close(logits(model), tuned)
     with pytest.warns(UserWarning, match="Already unmerged"):
         next(iter(layers.values())).unmerge()
@@ -524,16 +531,20 @@ def test_half_precision(arch, dtype, tmp_path):
     assert all(m.get_base_layer().weight.dtype == dtype for m in layers.values())
     out = logits(model)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    # same model in fp32 as a reference: half precision only adds rounding
+    # same model in fp32 as a reference: half precision only adds rounding. Measured max |difference| on
+    # these models: fp16 <= 6e-4, bf16 <= 4e-3 (logits up to 0.7); the tolerance is ~3x that, and the
+    # adapter's own effect on the logits is checked to be well above it (so ignoring it would fail).
+    tol = 2e-3 if dtype == torch.float16 else 1.2e-2
     ref = copy.deepcopy(model).float()
-    close(out.float(), logits(ref), tol=5e-2)
+    close(out.float(), logits(ref), tol=tol)
+    assert (logits(ref) - logits(_cached_base(arch))).abs().max() > 3 * tol
     before = base_weights(model)
     model.merge_adapter(safe_merge=True)
     assert all(m.get_base_layer().weight.dtype == dtype for m in layers.values())
-    close(logits(model).float(), out.float(), tol=5e-2)
+    close(logits(model).float(), out.float(), tol=tol)
     model.unmerge_adapter()
-    for n, w in base_weights(model).items():
-        close(w.float(), before[n].float(), tol=2e-2)
+    for n, w in base_weights(model).items():  # half precision: the original weight is put back, bit-exact
+        assert torch.equal(w, before[n])
     # saved in fp32, loaded in fp32 onto a half model: identical outputs
     model.save_pretrained(tmp_path)
     assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "adapter_model.safetensors").values())

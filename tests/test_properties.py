@@ -135,7 +135,9 @@ def test_forward_merge_unmerge(setup):
         original = w[small] if spec["conv1d"] else w[:, small]
         if len(adapters) == 1:  # near-zero scales: exact (with two adapters, the other one's rounding stays)
             assert torch.equal(kept, original)
-        torch.testing.assert_close(restored, w, rtol=1e-6, atol=1e-7)
+        # every other channel: one fp32 multiply and one divide per adapter, each rounding by <= 1/2 ulp
+        err = (restored.double() - w.double()).abs()
+        assert bool((err <= len(adapters) * torch.finfo(torch.float32).eps * w.double().abs()).all())
         close(model(x), expected)
         with model.disable_adapter():
             torch.testing.assert_close(model(x), plain(x), rtol=1e-6, atol=1e-6)
