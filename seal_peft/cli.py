@@ -11,7 +11,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
+
+from .errors import SealUsageError
 
 TASKS = ("line", "kv", "needle")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device_map
@@ -19,18 +23,109 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # 
 # the recipes (the paper's; the one tuned for the embedded model) live in seal_peft.training.RECIPES
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+# ----------------------------------------------------------------------------- option types
+# argparse calls these on the text of an option; an ArgumentTypeError becomes "argument --x: <message>"
+# with the usage line and exit code 2, so every bad option is reported before anything is loaded.
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def _floats(text: str) -> list[float]:
+def _ints_at_least(minimum: int) -> Callable[[str], list[int]]:
+    one = _int_at_least(minimum)
+
+    def parse(text: str) -> list[int]:
+        parts = [x.strip() for x in str(text).split(",") if x.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        try:
+            return [one(x) for x in parts]
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{err} (in {text!r}; comma-separated integers)") from None
+
+    return parse
+
+
+def _number(text: str) -> float:
+    import math
+
     try:
-        return [float(x) for x in str(text).split(",") if x.strip()]
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
+    return value
+
+
+def _depths(text: str) -> list[float]:
+    parts = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated depths in [0, 1], got {text!r}")
+    values = [_number(x) for x in parts]
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"depths must lie in [0, 1] (0 = start, 1 = end), got {bad[0]:g}")
+    return values
+
+
+GRANULARITIES = ("head", "channel")
+
+
+def _granularities(text: str) -> list[str]:
+    parts = [x.strip() for x in str(text).split(",") if x.strip()]
+    unknown = [x for x in parts if x not in GRANULARITIES]
+    if not parts or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(GRANULARITIES)}, got {text!r}"
+        )
+    if len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"each granularity once, got {text!r}")
+    return parts
+
+
+def _extend_spec(text: str) -> str:
+    from .extension import parse_extend
+
+    try:
+        parse_extend(text)
+    except (ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+@contextmanager
+def _user_input(what: str, *errors: type[BaseException]) -> Iterator[None]:
+    """``errors`` raised while acting on what the user gave (``what``: an option and its value) are
+    usage errors: one ``error: ...`` line. Everything else keeps its traceback."""
+    try:
+        yield
+    except SealUsageError:
+        raise
+    except errors as err:
+        raise SealUsageError(f"{what}: {err}") from err
 
 
 def _log(msg: str, quiet: bool = False) -> None:
@@ -78,24 +173,27 @@ def _load_dataset(path: str):
     from datasets import load_from_disk
 
     if not os.path.isdir(path):
-        raise SystemExit(f"error: --data {path!r} is not a folder written by `seal-peft generate --out`.")
-    return load_from_disk(path)
+        raise SealUsageError(f"--data {path!r} is not a folder written by `seal-peft generate --out`.")
+    with _user_input(f"--data {path!r} is not a dataset written by `seal-peft generate --out`", ValueError, OSError):
+        return load_from_disk(path)
 
 
 def _data_args(p: argparse.ArgumentParser, *, samples: int, lengths: str, seed: int) -> None:
     g = p.add_argument_group("data (generated on the fly unless --data is given)")
     g.add_argument("--data", help="a dataset folder written by `seal-peft generate --out`")
     g.add_argument("--task", choices=TASKS, default="line", help="synthetic task (default: line retrieval)")
-    g.add_argument("--num-samples", type=int, default=samples, help=f"samples per length (default {samples})")
+    g.add_argument(
+        "--num-samples", type=_int_at_least(1), default=samples, help=f"samples per length (default {samples})"
+    )
     g.add_argument(
         "--lengths",
-        type=_ints,
-        default=_ints(lengths),
+        type=_ints_at_least(1),
+        default=_ints_at_least(1)(lengths),
         help=f"token lengths, comma-separated (default {lengths})",
     )
     g.add_argument(
         "--depths",
-        type=_floats,
+        type=_depths,
         default=None,
         help="needle/line depths in [0,1], comma-separated (default random)",
     )
@@ -157,9 +255,14 @@ def _placement(args) -> dict[str, Any]:
 
 def _load_model(args, dtype):
     """The model of ``--model`` with dtype ``dtype``, placed as ``--device`` / ``--device-map`` say."""
+    return _load_base(args.model, dtype, _placement(args))
+
+
+def _load_base(model_name, dtype, placement):
     from .models import load_model
 
-    return load_model(args.model, dtype=dtype, **_placement(args))
+    with _user_input(f"--model {model_name or 'smollm2 (the embedded default)'}", OSError, ImportError):
+        return load_model(model_name, dtype=dtype, **placement)
 
 
 def _on_cpu(model) -> bool:
@@ -197,6 +300,7 @@ def _extend_arg(p: argparse.ArgumentParser, note: str) -> None:
         "--extend",
         default=None,
         metavar="METHOD:FACTOR",
+        type=_extend_spec,
         help="extend the context first (docs/extension.md): ntk:2, dynamic_ntk:2, yarn:2, self_extend:4 "
         "(group size; window option: self_extend:4:window=1024)" + note,
     )
@@ -225,7 +329,8 @@ def _apply_extend(model, tokenizer, extend):
     if extend:
         record = parse_extend(extend)
         method, factor = record.pop("method"), record.pop("factor")
-        extend_context(model, method, factor=factor, **record)
+        with _user_input(f"--extend {extend}", ValueError):
+            extend_context(model, method, factor=factor, **record)
     if extend or getattr(getattr(model, "config", None), "seal_extension", None):
         limit = extended_context_length(model)
         current = getattr(tokenizer, "model_max_length", 0) or 0  # huge = "no limit" sentinel
@@ -272,13 +377,54 @@ def _check_essays(ds, path: str, essays: str) -> None:
         )
 
 
+def _check_tokenizer(ds, path: str, tokenizer, model_name) -> None:
+    """A dataset given with ``--data`` must have been built with the tokenizer of the loaded model: its
+    ``input_ids`` are that tokenizer's ids."""
+    import warnings
+
+    from .data._common import dataset_metadata, tokenizer_fingerprint
+
+    model = f"--model {model_name}" if model_name else "the embedded SmolLM2-135M-Instruct (no --model)"
+    regenerate = (
+        f"regenerate it for this model with `seal-peft generate{' --model ' + model_name if model_name else ''} "
+        f"... --out DIR`, or pass the --model it was built for"
+    )
+    recorded = [m["tokenizer"] for m in dataset_metadata(ds) if isinstance(m.get("tokenizer"), dict)]
+    if not recorded:
+        warnings.warn(
+            f"--data {path!r} does not record the tokenizer it was built with (written by an older seal-peft, "
+            f"or not by seal-peft), so it cannot be checked against the tokenizer of {model}; if it was "
+            f"built for another model, {regenerate}.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    current = tokenizer_fingerprint(tokenizer)
+    if current["sha256"] is None:
+        return
+    for built in recorded:
+        if built.get("sha256") != current["sha256"]:
+            raise SealUsageError(
+                f"--data {path!r} was generated with another tokenizer: {built.get('name')!r} "
+                f"({built.get('vocab_size')} tokens, vocabulary sha256 {str(built.get('sha256'))[:12]}), but this "
+                f"run loads {model}, whose tokenizer is {current['name']!r} ({current['vocab_size']} tokens, "
+                f"sha256 {current['sha256'][:12]}); its token ids would stand for other tokens. {regenerate}."
+            )
+
+
 def _dataset_from_args(args, tokenizer, *, essays: str, exclude=None):
     """The dataset of ``--data`` or one generated from the data options; ``essays`` is the half of the
     essays this command may use (``"train"`` for training, ``"eval"`` for evaluation)."""
     if args.data:
         ds = _load_dataset(args.data)
+        _check_tokenizer(ds, args.data, tokenizer, getattr(args, "model", None))
         _check_essays(ds, args.data, essays)
         return ds
+    with _user_input("the data options (--task, --lengths, --depths, --prompt-format)", ValueError):
+        return _generate_from_args(args, tokenizer, essays=essays, exclude=exclude)
+
+
+def _generate_from_args(args, tokenizer, *, essays: str, exclude=None):
     return _generate(
         tokenizer,
         args.task,
@@ -297,7 +443,8 @@ def _dataset_from_args(args, tokenizer, *, essays: str, exclude=None):
 def cmd_generate(args) -> int:
     from .models import load_tokenizer
 
-    tok = load_tokenizer(args.model)
+    with _user_input(f"--model {args.model or 'smollm2 (the embedded default)'}", OSError, ImportError):
+        tok = load_tokenizer(args.model)
     ds = _dataset_from_args(args, tok, essays=args.essays)
     ds.save_to_disk(args.out)
     _log(f"wrote {len(ds)} samples ({args.task}, lengths {args.lengths}) to {args.out}", args.quiet)
@@ -371,6 +518,7 @@ def train_variant(
 
 def cmd_train(args) -> int:
     model, tok = _load_model(args, resolve_dtype(args.dtype))
+    _check_layers(model, args.layers)
     _apply_extend(model, tok, args.extend)
     ds = _dataset_from_args(args, tok, essays="train")
     recipe = _recipe_name(args)
@@ -405,14 +553,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _check_layers(model, layers) -> None:
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if layers and isinstance(n, int):
+        outside = sorted({layer for layer in layers if layer >= n})
+        if outside:
+            raise SealUsageError(
+                f"--layers {','.join(map(str, layers))}: the model has {n} layers (0..{n - 1}); "
+                f"{','.join(map(str, outside))} do not exist."
+            )
+
+
 def _load_with_adapter(model_name, adapter, merge, dtype="auto", extend=None, placement=None):
     from .extension import from_pretrained  # applies the extension recorded with the adapter
-    from .models import load_model
 
-    model, tok = load_model(model_name, dtype=resolve_dtype(dtype), **(placement or {}))
+    model, tok = _load_base(model_name, resolve_dtype(dtype), placement or {})
     _apply_extend(model, tok, extend)
     if adapter:
-        model = from_pretrained(model, adapter)
+        if os.path.isdir(adapter) and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise SealUsageError(
+                f"--adapter {adapter!r} is a folder without adapter_config.json, not a saved adapter (the "
+                "--out folder of `seal-peft train`)."
+            )
+        with _user_input(f"--adapter {adapter}", ValueError, OSError):
+            model = from_pretrained(model, adapter)
         _apply_extend(model, tok, None)
         if merge:
             model = model.merge_and_unload(safe_merge=True)
@@ -498,7 +662,7 @@ def cmd_analyze(args) -> int:
 
     progress = not args.quiet
     if args.perturb_with_adapter and not args.adapter:
-        raise ValueError(
+        raise SealUsageError(
             "--perturb-with-adapter needs --adapter ADAPTER_DIR (the adapter to perturb on top of)."
         )
     os.makedirs(args.out, exist_ok=True)
@@ -506,7 +670,8 @@ def cmd_analyze(args) -> int:
     model, tok = _load_model(args, torch.float32 if args.dtype == "auto" else resolve_dtype(args.dtype))
     ds = None
     if args.attribution:
-        attr = an.HeadAttribution.from_json(args.attribution)
+        with _user_input(f"--attribution {args.attribution}", ValueError, OSError):
+            attr = an.HeadAttribution.from_json(args.attribution)
         _log(f"[analyze] attribution read from {args.attribution}", args.quiet)
     else:
         ds = _dataset_from_args(args, tok, essays="eval")
@@ -517,7 +682,10 @@ def cmd_analyze(args) -> int:
         }
         attr = an.head_attribution(model, ds, tok, progress=progress, meta=meta)
         _log(f"[analyze] attribution of {len(ds)} samples took {attr.seconds:.1f} s", args.quiet)
-    scales = an.learned_head_scales(model, args.adapter) if args.adapter else None
+    scales = None
+    if args.adapter:
+        with _user_input(f"--adapter {args.adapter}", ValueError, OSError):
+            scales = an.learned_head_scales(model, args.adapter)
     summary: dict[str, Any] = {
         "attribution_seconds": round(attr.seconds, 1),
         "num_samples": attr.num_samples,
@@ -547,20 +715,22 @@ def cmd_analyze(args) -> int:
         if args.perturb_with_adapter:
             from .loading import from_pretrained
 
-            target = from_pretrained(model, args.adapter)  # the probe multiplies on top of its scales
+            with _user_input(f"--adapter {args.adapter}", ValueError, OSError):
+                target = from_pretrained(model, args.adapter)  # the probe multiplies on top of its scales
             summary["perturbed_model"] = f"base + adapter {args.adapter}"
-        res = an.top_vs_random(
-            target,
-            ds,
-            attr,
-            k=args.perturb_top,
-            draws=args.random_draws,
-            value=args.perturb_value,
-            tokenizer=tok,
-            seed=args.seed,
-            single_heads=args.check_heads,
-            progress=progress,
-        )
+        with _user_input("--perturb-top / --random-draws / --check-heads / --perturb-value", ValueError):
+            res = an.top_vs_random(
+                target,
+                ds,
+                attr,
+                k=args.perturb_top,
+                draws=args.random_draws,
+                value=args.perturb_value,
+                tokenizer=tok,
+                seed=args.seed,
+                single_heads=args.check_heads,
+                progress=progress,
+            )
         res.to_json(os.path.join(args.out, "perturbation.json"))
         res.to_csv(os.path.join(args.out, "perturbation.csv"))
         summary["perturbation"] = {"seconds": round(res.seconds, 1), "conditions": res.rows()}
@@ -764,18 +934,26 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(d)
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     d.add_argument(
-        "--lengths", type=_ints, default=[512, 1024, 2048], help="evaluation lengths (default 512,1024,2048)"
+        "--lengths",
+        type=_ints_at_least(1),
+        default=[512, 1024, 2048],
+        help="evaluation lengths (default 512,1024,2048)",
     )
-    d.add_argument("--eval-samples", type=int, default=20, help="evaluation samples per length (default 20)")
     d.add_argument(
-        "--train-samples", type=int, default=50, help="training samples (default 50, as the paper)"
+        "--eval-samples", type=_int_at_least(1), default=20, help="evaluation samples per length (default 20)"
     )
     d.add_argument(
-        "--train-length", type=int, default=2048, help="training sample length in tokens (default 2048)"
+        "--train-samples", type=_int_at_least(1), default=50, help="training samples (default 50, as the paper)"
+    )
+    d.add_argument(
+        "--train-length",
+        type=_int_at_least(1),
+        default=2048,
+        help="training sample length in tokens (default 2048)",
     )
     d.add_argument(
         "--granularities",
-        type=lambda s: s.split(","),
+        type=_granularities,
         default=["head", "channel"],
         help="which SEAL variants to train (default head,channel)",
     )
@@ -786,7 +964,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="see `seal-peft eval --help` (default: LongEval's protocol)",
     )
     d.add_argument(
-        "--ppl-tokens", type=int, default=2048, help="held-out essay tokens for perplexity (0 = skip)"
+        "--ppl-tokens",
+        type=_int_at_least(0),
+        default=2048,
+        help="held-out essay tokens for perplexity (0 = skip)",
     )
     _recipe_arg(d)
     d.add_argument("--seed", type=int, default=0)
@@ -815,25 +996,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--lr",
-        type=float,
+        type=_positive,
         default=None,
         help="learning rate (default: the recipe's, see --recipe)",
     )
     _recipe_arg(t)
-    t.add_argument("--epochs", type=float, default=None, help="epochs (default: the recipe's, 1)")
+    t.add_argument("--epochs", type=_positive, default=None, help="epochs (default: the recipe's, 1)")
     t.add_argument(
-        "--scale-pull", type=float, default=None, help="weight of the pull of the scales toward 1 (default 0)"
+        "--scale-pull", type=_non_negative, default=None, help="weight of the pull of the scales toward 1 (default 0)"
     )
-    t.add_argument("--layers", type=_ints, default=None, help="only adapt these layers (comma-separated)")
+    t.add_argument(
+        "--layers", type=_ints_at_least(0), default=None, help="only adapt these layers (comma-separated)"
+    )
     t.add_argument(
         "--lm-every",
-        type=int,
+        type=_int_at_least(0),
         default=None,
         metavar="N",
         help="keep the model a good LM: add one plain-text window (training essays) per N samples, "
         "shuffled with them (default: the recipe's, 2 for smollm2, 0 = off for paper; docs/training.md)",
     )
-    t.add_argument("--lm-length", type=int, default=None, help="tokens per LM window (default 512)")
+    t.add_argument("--lm-length", type=_int_at_least(1), default=None, help="tokens per LM window (default 512)")
     t.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for memory on long samples"
     )
@@ -852,7 +1035,10 @@ def build_parser() -> argparse.ArgumentParser:
     _extend_arg(e, ". An adapter's recorded extension is applied automatically")
     e.add_argument("--name", default=None, help="name of this run in tables/files")
     e.add_argument(
-        "--ppl-tokens", type=int, default=2048, help="held-out essay tokens for perplexity (0 = skip)"
+        "--ppl-tokens",
+        type=_int_at_least(0),
+        default=2048,
+        help="held-out essay tokens for perplexity (0 = skip)",
     )
     e.add_argument("--out", default=None, help="folder for records (JSON/CSV) and the plot")
     e.set_defaults(func=cmd_eval)
@@ -877,20 +1063,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="reuse an attribution.json of an earlier run instead of computing it",
     )
-    a.add_argument("--top", type=int, default=10, help="heads listed per direction (default 10)")
+    a.add_argument("--top", type=_int_at_least(1), default=10, help="heads listed per direction (default 10)")
     a.add_argument(
         "--perturb-top",
-        type=int,
+        type=_int_at_least(0),
         default=5,
         help="perturb the top-k positive/negative heads as groups (0 = skip)",
     )
     a.add_argument(
-        "--random-draws", type=int, default=3, help="groups of k random heads to compare (default 3)"
+        "--random-draws", type=_int_at_least(0), default=3, help="groups of k random heads to compare (default 3)"
     )
-    a.add_argument("--perturb-value", type=float, default=0.0, help="scale of perturbed heads (default 0)")
+    a.add_argument("--perturb-value", type=_number, default=0.0, help="scale of perturbed heads (default 0)")
     a.add_argument(
         "--check-heads",
-        type=int,
+        type=_int_at_least(0),
         default=0,
         help="also perturb this many single heads; Spearman vs attribution",
     )
@@ -901,6 +1087,12 @@ def build_parser() -> argparse.ArgumentParser:
         "well, so the accuracy change is visible); the attribution stays that of the base model",
     )
     a.add_argument("--out", required=True, help="output folder")
+    for command in sub.choices.values():
+        command.add_argument(
+            "--debug",
+            action="store_true",
+            help="show the traceback of a usage error too (other errors always show theirs)",
+        )
     a.set_defaults(func=cmd_analyze)
     return p
 
@@ -911,7 +1103,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except SealUsageError as err:  # bad input: one line; anything else is a bug and keeps its traceback
+        if getattr(args, "debug", False):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 

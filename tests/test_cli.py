@@ -106,3 +106,162 @@ def test_needle_data_from_the_wrong_essays_is_refused(monkeypatch, tmp_path):
     args.data = str(out)
     ds = cli._dataset_from_args(args, tok, essays="eval")
     assert {_haystack_half(tok, r) for r in ds} == {"eval"}
+
+
+# ------------------------------------------------------------------------------------------- errors
+BAD_OPTIONS = [
+    ["demo", "--granularities", "foo"],
+    ["demo", "--granularities", "head,head"],
+    ["demo", "--granularities", ""],
+    ["demo", "--eval-samples", "0"],
+    ["demo", "--train-samples", "-1"],
+    ["demo", "--train-length", "x"],
+    ["demo", "--lengths", "512,0"],
+    ["demo", "--ppl-tokens", "-5"],
+    ["demo", "--recipe", "mine"],
+    ["generate", "--out", "x", "--num-samples", "0"],
+    ["generate", "--out", "x", "--lengths", ""],
+    ["generate", "--out", "x", "--depths", "0.5,1.5"],
+    ["generate", "--out", "x", "--depths", "nan"],
+    ["generate", "--out", "x", "--essays", "test"],
+    ["train", "--out", "x", "--lr", "0"],
+    ["train", "--out", "x", "--lr", "inf"],
+    ["train", "--out", "x", "--epochs", "-1"],
+    ["train", "--out", "x", "--scale-pull", "-0.1"],
+    ["train", "--out", "x", "--layers", "1,-2"],
+    ["train", "--out", "x", "--lm-every", "-1"],
+    ["train", "--out", "x", "--lm-length", "0"],
+    ["train", "--out", "x", "--extend", "ntk"],
+    ["train", "--out", "x", "--extend", "ntk:two"],
+    ["train", "--out", "x", "--device-map", "everywhere"],
+    ["eval", "--ppl-tokens", "-1"],
+    ["eval", "--extend", "rope:2"],
+    ["analyze", "--out", "x", "--top", "0"],
+    ["analyze", "--out", "x", "--perturb-top", "-1"],
+    ["analyze", "--out", "x", "--random-draws", "-1"],
+    ["analyze", "--out", "x", "--check-heads", "-3"],
+    ["analyze", "--out", "x", "--perturb-value", "nan"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_OPTIONS, ids=[" ".join(a) for a in BAD_OPTIONS])
+def test_every_bad_option_is_refused_before_anything_runs(argv, capsys, monkeypatch):
+    from seal_peft import models
+
+    def no_loading(*a, **k):  # nothing may be loaded for a bad option
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    monkeypatch.setattr(models, "load_tokenizer", no_loading)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    option = [a for a in argv if a.startswith("--")][-1]  # the bad one is last
+    assert f"argument {option}" in err and "Traceback" not in err, err
+
+
+def test_usage_errors_are_one_line_internal_errors_keep_their_traceback(monkeypatch, capsys, tmp_path):
+    from seal_peft.errors import SealUsageError
+
+    def usage(args):
+        raise SealUsageError("--thing 3: use 4")
+
+    def bug(args):
+        raise ValueError("an internal bug")
+
+    argv = ["generate", "--out", str(tmp_path / "x")]
+    monkeypatch.setattr(cli, "cmd_generate", usage)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == "error: --thing 3: use 4\n"
+    with pytest.raises(SealUsageError):  # --debug: the traceback
+        cli.main([*argv, "--debug"])
+    monkeypatch.setattr(cli, "cmd_generate", bug)
+    for error in (ValueError, TypeError, FileNotFoundError):
+        monkeypatch.setattr(cli, "cmd_generate", lambda args, e=error: (_ for _ in ()).throw(e("a bug")))
+        with pytest.raises(error, match="a bug"):
+            cli.main(argv)
+
+
+def test_missing_data_folder_and_bad_data_options_are_usage_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("seal_peft.models.load_tokenizer", lambda *a, **k: char_tokenizer())
+    assert cli.main(["generate", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "is not a folder written by `seal-peft generate --out`" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["generate", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "is not a dataset" in capsys.readouterr().err
+    # a length the generator cannot reach with this tokenizer: the generator's message, on one line
+    argv = ["generate", "--prompt-format", "plain", "--lengths", "20", "--num-samples", "1", "--quiet"]
+    assert cli.main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the data options") and "too short" in err and err.count("\n") == 1
+
+
+def test_train_layers_outside_the_model_are_refused(monkeypatch, capsys):
+    from conftest import make_model
+
+    from seal_peft import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (make_model("llama"), char_tokenizer()))
+    monkeypatch.setattr(cli, "train_variant", lambda *a, **k: pytest.fail("trained"))
+    assert cli.main(["train", "--out", "unused", "--layers", "0,5", "--device", "cpu", "--quiet"]) == 2
+    assert "--layers 0,5: the model has 2 layers (0..1); 5 do not exist" in capsys.readouterr().err
+
+
+def _other_tokenizer():
+    tok = char_tokenizer()
+    tok.add_tokens(["<extra>"])  # one token more: other ids
+    return tok
+
+
+def test_train_data_of_another_tokenizer_is_refused(monkeypatch, tmp_path, capsys):
+    """A generated dataset records its tokenizer; `train --data` with another model's tokenizer is refused."""
+    from datasets import Dataset
+
+    from seal_peft import models
+    from seal_peft.data import line_retrieval
+    from seal_peft.data._common import dataset_metadata, tokenizer_fingerprint
+
+    tok = char_tokenizer()
+    ds = line_retrieval(tok, num_samples=1, length=900, prompt_format="plain", progress=False)
+    recorded = dataset_metadata(ds)[0]["tokenizer"]
+    assert recorded == tokenizer_fingerprint(tok) and len(recorded["sha256"]) == 64
+    assert tokenizer_fingerprint(char_tokenizer()) == recorded  # another copy of the same vocabulary
+    assert tokenizer_fingerprint(_other_tokenizer())["sha256"] != recorded["sha256"]
+    ds.save_to_disk(str(tmp_path / "data"))
+    Dataset.from_list(ds.to_list()).save_to_disk(str(tmp_path / "old"))  # no record (older seal-peft)
+
+    seen = {}
+    loaded = {}
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, loaded["tok"]))
+    monkeypatch.setattr(cli, "_apply_extend", lambda *a: None)
+    monkeypatch.setattr(cli, "train_variant", lambda m, t, d, *a, **k: seen.update(n=len(d)) or _stop())
+    argv = ["train", "--device", "cpu", "--quiet", "--out", str(tmp_path / "adapter")]
+    loaded["tok"] = _other_tokenizer()
+    assert cli.main([*argv, "--data", str(tmp_path / "data"), "--model", "other/model"]) == 2
+    err = capsys.readouterr().err
+    assert "was generated with another tokenizer" in err and "seal-peft generate --model other/model" in err
+    assert not seen and not (tmp_path / "adapter").exists()
+    loaded["tok"] = char_tokenizer()
+    with pytest.raises(_Stop):
+        cli.main([*argv, "--data", str(tmp_path / "data")])
+    assert seen["n"] == 1
+    with pytest.warns(UserWarning, match="does not record the tokenizer"), pytest.raises(_Stop):
+        cli.main([*argv, "--data", str(tmp_path / "old")])
+
+
+def _stop():
+    raise _Stop
+
+
+def test_eval_of_a_folder_that_is_no_adapter_is_a_usage_error(monkeypatch, tmp_path, capsys):
+    from conftest import make_model
+
+    from seal_peft import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (make_model("llama"), char_tokenizer()))
+    (tmp_path / "data").mkdir()
+    for adapter, message in [(tmp_path / "data", "without adapter_config.json"), (tmp_path / "none", "--adapter")]:
+        assert cli.main(["eval", "--adapter", str(adapter), "--device", "cpu", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err

@@ -13,10 +13,12 @@ given at generation time and that the label tokens decode to ``target``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -342,9 +344,41 @@ METADATA_FORMAT = 1
 _UNSET: Any = object()
 
 
-def to_dataset(records: list[dict[str, Any]], *, essays: str | None = _UNSET):
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """``{"name", "vocab_size", "sha256"}`` of a tokenizer: its ``name_or_path`` and the sha256 of its
+    vocabulary (every ``(id, token)`` pair, added tokens included). Token ids mean the same tokens exactly
+    when the fingerprints are equal, whatever the name (a Hub id and a local copy match). ``sha256`` is
+    ``None`` for a tokenizer without ``get_vocab()``.
+    """
+    name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if not callable(get_vocab):
+        return {"name": str(name), "vocab_size": None, "sha256": None}
+    try:  # hashing a vocabulary takes ~0.25 s: remembered per tokenizer object and size (added tokens)
+        size = len(tokenizer)
+        cached = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # no len() or not weak-referenceable
+        size, cached = None, None
+    if cached is not None and size is not None and cached[0] == size:
+        return {"name": str(name), "vocab_size": cached[1], "sha256": cached[2]}
+    pairs = sorted((int(i), str(t)) for t, i in get_vocab().items())
+    digest = hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+    if size is not None:
+        try:
+            _FINGERPRINTS[tokenizer] = (size, len(pairs), digest)
+        except TypeError:
+            pass
+    return {"name": str(name), "vocab_size": len(pairs), "sha256": digest}
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def to_dataset(records: list[dict[str, Any]], tokenizer: Any = None, *, essays: str | None = _UNSET):
     """The records as a ``datasets.Dataset`` with a generation record (see :func:`dataset_metadata`).
 
+    ``tokenizer``: the tokenizer the records were built with; its :func:`tokenizer_fingerprint` is
+    recorded, so ``seal-peft train --data`` can refuse data made for another model's tokenizer.
     ``essays``: which half of the essays the haystacks come from (``"train"``, ``"eval"``, ``None`` =
     all); only for generators that use the essays.
     """
@@ -366,6 +400,8 @@ def to_dataset(records: list[dict[str, Any]], *, essays: str | None = _UNSET):
         }
     )
     meta: dict[str, Any] = {"format": METADATA_FORMAT}
+    if tokenizer is not None:
+        meta["tokenizer"] = tokenizer_fingerprint(tokenizer)
     if essays is not _UNSET:
         meta["essays"] = essays or "all"
     info = DatasetInfo(description=json.dumps({METADATA_KEY: meta}, sort_keys=True), features=features)
@@ -373,8 +409,9 @@ def to_dataset(records: list[dict[str, Any]], *, essays: str | None = _UNSET):
 
 
 def dataset_metadata(dataset: Any) -> list[dict[str, Any]]:
-    """The generation records of a dataset made by ``seal_peft.data``: ``[{"format": 1, "essays":
-    "eval", ...}]`` — one per generated dataset it holds (``concatenate_datasets`` of datasets with
+    """The generation records of a dataset made by ``seal_peft.data``: ``[{"format": 1, "tokenizer":
+    {"name", "vocab_size", "sha256"}, "essays": "eval"}]`` (``essays`` only for needle data) — one per
+    generated dataset it holds (``concatenate_datasets`` of datasets with
     different records keeps each), ``[]`` for a dataset without one (written by an older seal-peft,
     rebuilt from a list, or not generated here).
 

@@ -509,7 +509,7 @@ def needle_haystack(
                 enc, task="needle_haystack", depth=measured, key=filled["key"], answer=filled["answer"]
             )
         )
-    return to_dataset(records, essays=essays)  # which half, for the checks of `seal-peft`
+    return to_dataset(records, tokenizer, essays=essays)  # which half, for the checks of `seal-peft`
 
 
 def heldout_text(tokenizer: Any, num_tokens: int, seed: int = 0, split: str | None = "eval") -> str:

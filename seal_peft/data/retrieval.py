@@ -231,7 +231,7 @@ def _generate(
         records.append(
             _sample(task, encoder, item_tokens, i, seed, grid_value(lengths, i), depth, bad_keys, bad_answers)
         )
-    return to_dataset(records)
+    return to_dataset(records, tokenizer)
 
 
 def line_retrieval(

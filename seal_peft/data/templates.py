@@ -148,7 +148,7 @@ def user_template(
         records.append(
             make_record(enc, task=task, depth=depth, key=ex.get("key", str(i)), answer=ex["answer"])
         )
-    return to_dataset(records)
+    return to_dataset(records, tokenizer)
 
 
 def _encode_plain(encoder: PromptEncoder, prompt: str, reply: str):
