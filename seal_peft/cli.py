@@ -1093,7 +1093,9 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="show the traceback of a usage error too (other errors always show theirs)",
         )
-    a.set_defaults(func=cmd_analyze)
+    # attribution scores the NLL of the answer: pre-filled replies make that the number's tokens alone
+    # (under longeval the reply also restates the key); docs/analysis.md was measured this way
+    a.set_defaults(func=cmd_analyze, prompt_format="chat_prefill")
     return p
 
 
