@@ -1,11 +1,13 @@
 """Worker for tests/test_ecosystem_fsdp.py: 3 SEAL training steps on a tiny Llama, sharded or not.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py --mode fsdp2 --out DIR
+    (modes fsdp1, fsdp2; zero2 = DeepSpeed ZeRO-2, if deepspeed is importable)
     python tests/distributed_worker.py --mode single --out DIR        # or run_single() in-process
 
 Every mode trains SEAL-H and SEAL-C (AdamW, the recipe) and SEAL-H with SGD from the same base
 model on the same 6 samples (3 steps of an effective batch of 2): ``single`` = one process, batch 2; ``fsdp1`` / ``fsdp2`` = 2 processes (gloo,
-CPU), batch 1 each, sharded with :mod:`seal_peft.distributed`. All samples have the same length and
+CPU), batch 1 each, sharded with :mod:`seal_peft.distributed`; ``zero2`` = 2 processes under
+``deepspeed.initialize`` with ZeRO stage 2. All samples have the same length and
 the same number of answer tokens, so the per-rank token mean averaged over ranks (what FSDP's
 gradient reduction computes) equals the token mean over the whole batch of the single process.
 Writes ``DIR/<run>/adapter`` (saved by rank 0), ``DIR/<run>/record-rank<r>.json`` (losses,
@@ -39,6 +41,8 @@ from seal_peft.training import DEFAULT_LR, SealDataCollator, seal_loss  # noqa: 
 #: gradient across ranks)
 RUNS = (("head", "head", "adamw"), ("channel", "channel", "adamw"), ("head-sgd", "head", "sgd"))
 SGD_LR = 10.0
+#: what deepspeed.initialize built in the last zero2 run (recorded for the test)
+ENGINE_INFO: dict = {}
 STEPS, WORLD, LENGTH, ANSWER = 3, 2, 48, 4
 
 
@@ -76,23 +80,46 @@ def peft_model(granularity: str):
     return get_peft_model(build_model(), seal_peft.SealConfig(granularity=granularity))
 
 
-def train(model, scale_params, granularity: str, rank: int, world: int, optimizer: str = "adamw") -> list[float]:
-    """STEPS optimizer steps; this process takes samples ``rank::world`` of each step's batch of WORLD."""
+def train(
+    model, scale_params, granularity: str, rank: int, world: int, optimizer: str = "adamw", zero_stage: int = 0
+) -> list[float]:
+    """STEPS optimizer steps; this process takes samples ``rank::world`` of each step's batch of WORLD.
+
+    ``zero_stage > 0``: the same optimizer handed to ``deepspeed.initialize`` (ZeRO partitions its state
+    and the gradients; the engine averages the gradients over the ranks).
+    """
     collate = SealDataCollator(pad_token_id=0, trim_logits=True)
     loss_fn = seal_loss(model)
     if optimizer == "adamw":
         opt = torch.optim.AdamW(scale_params, lr=DEFAULT_LR[granularity], weight_decay=0.0)
     else:
         opt = torch.optim.SGD(scale_params, lr=SGD_LR)
+    engine = None
+    if zero_stage:
+        import deepspeed
+
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        }
+        engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        ENGINE_INFO.update(zero_stage=engine.zero_optimization_stage(), optimizer=type(opt).__name__)
     data, losses = samples(), []
     model.train()
     for step in range(STEPS):
         batch = collate(data[step * WORLD : (step + 1) * WORLD][rank::world])
         labels = batch.pop("labels")
-        loss = loss_fn(model(**batch, use_cache=False), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = loss_fn((engine or model)(**batch, use_cache=False), labels)
+        if engine is not None:
+            engine.backward(loss)
+            engine.step()  # steps the optimizer and zeroes the gradients
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return losses
 
@@ -169,7 +196,12 @@ def peft_policy_error() -> str | None:
 def run_distributed(mode: str, out: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    if mode == "zero2":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == WORLD, f"run with --nproc_per_node {WORLD}"
     if mode == "fsdp1" and rank == 0:
@@ -192,12 +224,14 @@ def run_distributed(mode: str, out: str) -> None:
         elif mode == "fsdp2":
             model = fsdp2_shard(model)
             units = _fsdp2_units(model)
+        elif mode == "zero2":
+            units = []  # ZeRO-2 partitions gradients and optimizer state, not the module
         else:
             raise ValueError(f"mode {mode!r}")
         # gathering before the first forward must not disturb FSDP's lazy initialisation
         initial = full_adapter_state_dict(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        losses = train(model, params, granularity, rank, world, optimizer)
+        losses = train(model, params, granularity, rank, world, optimizer, zero_stage=2 if mode == "zero2" else 0)
         path = os.path.join(out, name)
         save_sharded_adapter(model, os.path.join(path, "adapter"))
         scales = full_adapter_state_dict(model)  # every rank gets the full scales
@@ -208,6 +242,7 @@ def run_distributed(mode: str, out: str) -> None:
             "world": world,
             "initial_all_ones": all(bool((v == 1).all()) for v in initial.values()),
             "num_trainable": len(params),
+            "engine": dict(ENGINE_INFO),
         }
         with open(os.path.join(path, f"record-rank{rank}.json"), "w") as f:
             json.dump(record, f)
@@ -228,9 +263,38 @@ def run_single(out: str) -> None:
             json.dump({"losses": losses, "units": [], "world": 1, "num_trainable": len(params)}, f)
 
 
+def launch(mode: str, out, extra_pythonpath: str = ""):
+    """Run this worker on WORLD processes (torchrun, gloo) from a test; return ``out``."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, extra_pythonpath, env.get("PYTHONPATH", "")] if p)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+           "--master_port", str(port), os.path.abspath(__file__), "--mode", mode, "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return out
+
+
+def single_in_process(out) -> None:
+    """``run_single`` in the calling process with one thread (the workers' kernels and rounding)."""
+    for name, _, _ in RUNS:
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_single(str(out))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", required=True, choices=["single", "fsdp1", "fsdp2"])
+    p.add_argument("--mode", required=True, choices=["single", "fsdp1", "fsdp2", "zero2"])
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(1)

@@ -9,7 +9,7 @@ and compare with one process training on the same effective batch.
 Tolerance: the sharded and the single run differ only in the order of fp32 reductions (each rank
 sums its sample's gradient, then the ranks average, vs one sum over the batch of 2): a few ulp,
 ~1e-7 relative, of each gradient. AdamW's update depends on the gradient only through m/sqrt(v),
-so such an error changes a step by ~1e-7 * lr; SGD (lr 1) by ~1e-7 * |grad|. After 3 steps on
+so such an error changes a step by ~1e-7 * lr; SGD (lr 10) by ~1e-7 * 10 * |grad|. After 3 steps on
 scales of ~1 that is far below ``rtol=1e-6`` -- while a wrong reduction (one rank's gradient, no
 reduction, or a sum instead of a mean under SGD) moves the scales by ~1e-2.
 """
@@ -17,51 +17,21 @@ reduction, or a sum instead of a mean under SGD) moves the scales by ~1e-2.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_worker import RUNS, build_model, run_single
+from distributed_worker import RUNS, build_model, launch, single_in_process
 from peft import PeftModel
-
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "distributed_worker.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(mode: str, out: Path) -> Path:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), str(WORKER), "--mode", mode, "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return out
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The three runs (each trains every entry of RUNS): single process, FSDP1, FSDP2."""
     base = tmp_path_factory.mktemp("fsdp")
-    for name, _, _ in RUNS:
-        (base / "single" / name).mkdir(parents=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers use one thread each: same kernels, same rounding
-    try:
-        run_single(str(base / "single"))
-    finally:
-        torch.set_num_threads(threads)
-    return {"single": base / "single", "fsdp1": _launch("fsdp1", base / "fsdp1"),
-            "fsdp2": _launch("fsdp2", base / "fsdp2")}  # fmt: skip
+    single_in_process(base / "single")
+    return {"single": base / "single", "fsdp1": launch("fsdp1", base / "fsdp1"),
+            "fsdp2": launch("fsdp2", base / "fsdp2")}  # fmt: skip
 
 
 def _record(path: Path, run: str, rank: int) -> dict:
