@@ -72,7 +72,7 @@ def test_bf16_training_on_device(granularity):
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in scales)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(math.isfinite(x) for x in losses)
     assert all((p.detach() - 1).abs().max() > 1e-3 for p in scales), "the scales did not move"
     for n, p in model.named_parameters():
