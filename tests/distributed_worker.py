@@ -193,6 +193,21 @@ def peft_policy_error() -> str | None:
     return None
 
 
+def orig_params_gradient_numel(policy_name: str) -> int:
+    """FSDP1 with ``use_orig_params=True``: the flat-parameter gradient elements on this rank after
+    one backward. A flat parameter that mixes frozen and trainable tensors gets a gradient for all."""
+    from peft.utils.other import fsdp_auto_wrap_policy as peft_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = peft_model("head")
+    policy = (peft_policy if policy_name == "peft" else fsdp_auto_wrap_policy)(model)
+    model = FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+    ids = torch.tensor([list(range(2, 18))])
+    model(input_ids=ids, labels=ids).loss.backward()
+    flats = [u._flat_param for u in FSDP.fsdp_modules(model) if u._flat_param is not None]
+    return sum(f.grad.numel() for f in flats if f.grad is not None)
+
+
 def run_distributed(mode: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -204,11 +219,14 @@ def run_distributed(mode: str, out: str) -> None:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == WORLD, f"run with --nproc_per_node {WORLD}"
-    if mode == "fsdp1" and rank == 0:
-        with open(os.path.join(out, "peft_policy.json"), "w") as f:
-            json.dump({"error": peft_policy_error()}, f)
-    elif mode == "fsdp1":
-        peft_policy_error()  # the wrap is collective: every rank takes part
+    if mode == "fsdp1":  # PEFT's policy vs SEAL's (collectives: every rank takes part)
+        record = {
+            "error": peft_policy_error(),
+            "orig_params_grad_numel": {p: orig_params_gradient_numel(p) for p in ("peft", "seal")},
+        }
+        if rank == 0:
+            with open(os.path.join(out, "peft_policy.json"), "w") as f:
+                json.dump(record, f)
     for name, granularity, optimizer in RUNS:
         model = peft_model(granularity)
         if mode == "fsdp1":

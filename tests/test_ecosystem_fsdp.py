@@ -87,6 +87,10 @@ def test_fsdp1_policy_gives_the_scales_their_own_units(runs):
     # what PEFT's own policy does with a SEAL model (use_orig_params=False, accelerate's FSDP1 default)
     peft_policy = json.loads((runs["fsdp1"] / "peft_policy.json").read_text())
     assert "uniform `requires_grad`" in (peft_policy["error"] or ""), peft_policy
+    # with use_orig_params=True PEFT's policy works, but the decoder layers' frozen weights get gradient
+    # storage; SEAL's policy allocates gradients for the scales only (4 per layer, 2 per rank)
+    numel = peft_policy["orig_params_grad_numel"]
+    assert numel["seal"] == 2 * 2 and numel["peft"] > 1000 * numel["seal"], numel
     for run, granularity, _ in RUNS:
         units = _record(runs["fsdp1"], run, 0)["units"]
         trainable = [u for u in units if u["requires_grad"]]
