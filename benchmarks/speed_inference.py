@@ -65,7 +65,7 @@ def build_variants(
 
 def check_merged_is_base_graph(base: torch.nn.Module, merged: torch.nn.Module) -> dict:
     """Assert that merging left no trace in the module tree; returns what was checked."""
-    from seal_peft.layer import SealLayer
+    from seal_peft.tuner.layer import SealLayer
 
     base_types = [(n, type(m)) for n, m in base.named_modules()]
     merged_types = [(n, type(m)) for n, m in merged.named_modules()]

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from seal_peft.layer import Linear
+    from seal_peft.tuner.layer import Linear
 
     torch.manual_seed(0)
     record: dict = {"args": vars(args), "results": []}

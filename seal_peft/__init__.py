@@ -9,12 +9,12 @@ with a SEAL model card.
 
 from __future__ import annotations
 
-from . import _registration
-from .config import TARGET_MODULES_MAPPING, SealConfig
 from .hub import model_card, push_to_hub
-from .layer import SealLayer
 from .loading import check_adapter_dir, from_pretrained, save_adapter
-from .model import SealModel
+from .tuner import registration as _registration
+from .tuner.config import TARGET_MODULES_MAPPING, SealConfig
+from .tuner.layer import SealLayer
+from .tuner.model import SealModel
 
 __version__ = "0.1.0"
 

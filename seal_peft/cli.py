@@ -483,8 +483,8 @@ def train_variant(
 
     from peft import get_peft_model
 
-    from .config import SealConfig
     from .training import add_lm_samples, get_recipe, train_seal
+    from .tuner.config import SealConfig
 
     chosen = {
         "learning_rate": learning_rate,

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import SealLayer
+from .tuner.layer import SealLayer
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import EXTENSION_METHODS
+from .tuner.config import EXTENSION_METHODS
 
 __all__ = [
     "EXTENSION_METHODS",

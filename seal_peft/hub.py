@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import SealConfig
+from .tuner.config import SealConfig
 
 SEAL_TAGS = ("seal", "seal-peft", "peft", "long-context", "retrieval")
 _PAPER = "https://arxiv.org/abs/2501.15225"

@@ -30,7 +30,7 @@ def _validate_config_values(config: dict, config_path: str) -> None:
     Unknown keys are left to PEFT, which ignores them with a warning (forward compatibility with
     configs written by newer versions), exactly as for its own methods.
     """
-    from .config import SealConfig
+    from .tuner.config import SealConfig
 
     known = set(inspect.signature(SealConfig.__init__).parameters) - {"self"}
     try:

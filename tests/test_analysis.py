@@ -33,7 +33,7 @@ from seal_peft.analysis import (
     spearman,
     top_vs_random,
 )
-from seal_peft.layer import SealLayer
+from seal_peft.tuner.layer import SealLayer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

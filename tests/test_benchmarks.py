@@ -60,7 +60,7 @@ def test_inference_benchmark_tiny(tmp_path, capsys):
 
 def test_merged_graph_check_catches_a_leftover_wrapper():
     bench = _load("speed_inference")
-    from seal_peft.layer import SealLayer
+    from seal_peft.tuner.layer import SealLayer
 
     base, _ = _load("_common").load_benchmark_model("tiny", torch.float32)
     models = bench.build_variants(base, "head", seed=0)
@@ -183,7 +183,7 @@ def test_long_input_paths_keep_gradients_and_hooks():
     from peft import get_peft_model
 
     import seal_peft
-    from seal_peft.layer import SealLayer
+    from seal_peft.tuner.layer import SealLayer
 
     base, _ = _load("_common").load_benchmark_model("tiny", torch.float32)
     model = get_peft_model(base, seal_peft.SealConfig(init_weights=False))

@@ -16,10 +16,10 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 import seal_peft
 from seal_peft import SealConfig, SealModel, ensure_registered
-from seal_peft._registration import add_enum_member
+from seal_peft.tuner.registration import add_enum_member
 
 REGISTRATION = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "seal_peft", "_registration.py"
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "seal_peft", "tuner", "registration.py"
 )
 
 

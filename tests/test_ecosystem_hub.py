@@ -192,7 +192,7 @@ def test_card_without_hub_base_and_non_seal_models(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------- no import side effects
 # Every seal_peft submodule import runs seal_peft/__init__ first, so the module imported first decides
 # the import order; each one is imported first in a fresh interpreter.
-MODULES = ["seal_peft.config", "seal_peft._registration", "seal_peft.model", "seal_peft.hub"]
+MODULES = ["seal_peft.tuner.config", "seal_peft.tuner.registration", "seal_peft.tuner.model", "seal_peft.hub"]
 SIDE_EFFECTS = r"""
 import importlib, json, sys, tempfile, os
 import huggingface_hub, peft, transformers
@@ -277,17 +277,20 @@ def _seal_imports(path: Path) -> set[str]:
 
 
 def test_tuner_modules_import_no_cycle():
-    """config, _registration, model, layer, hub and loading: no import cycle, lazy imports included.
+    """tuner/{config,registration,model,layer}, hub and loading: no import cycle, lazy imports included.
 
-    Registration is a leaf (_registration imports nothing of seal_peft; the package __init__ passes it the
-    classes), so creating a SealConfig does not pull in the tuner, and nothing imports the package itself.
+    Registration is a leaf (it imports nothing of seal_peft; the package __init__ passes it the classes), so
+    creating a SealConfig does not pull in the tuner, and nothing imports the package itself.
     """
-    names = ["config", "_registration", "model", "layer", "hub", "loading"]
+    names = ["tuner.config", "tuner.registration", "tuner.model", "tuner.layer", "hub", "loading"]
     graph = {
-        name: {m.removeprefix("seal_peft.") for m in _seal_imports(ROOT / "seal_peft" / f"{name}.py")}
+        name: {
+            m.removeprefix("seal_peft.")
+            for m in _seal_imports(ROOT / "seal_peft" / (name.replace(".", "/") + ".py"))
+        }
         for name in names
     }
-    assert graph["_registration"] == set()
+    assert graph["tuner.registration"] == set()
     assert all("seal_peft" not in deps and "" not in deps for deps in graph.values()), graph
 
     def reach(start: str) -> set[str]:
@@ -300,7 +303,7 @@ def test_tuner_modules_import_no_cycle():
         return seen
 
     assert {n: reach(n) for n in names if n in reach(n)} == {}
-    assert reach("config") == {"_registration"}
+    assert reach("tuner.config") == {"tuner.registration"}
 
 
 def _hub_cache(home: Path, repo: str, files: dict[str, bytes], rev: str = "a" * 40) -> None:

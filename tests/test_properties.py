@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from seal_peft import SealConfig, SealLayer
-from seal_peft.layer import UNMERGE_EPS
+from seal_peft.tuner.layer import UNMERGE_EPS
 
 SETTINGS = settings(max_examples=50, deadline=None, derandomize=True)
 

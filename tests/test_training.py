@@ -144,7 +144,7 @@ def test_trainer_with_recommended_args_lowers_answer_loss(tmp_path, granularity)
 def test_recipe_gradient_checkpointing_gives_the_same_step(tmp_path, granularity):
     """seal_training_arguments(gradient_checkpointing=True) really checkpoints (every SEAL layer runs twice
     per step), and the step it takes is exactly the one without checkpointing."""
-    from seal_peft.layer import SealLayer
+    from seal_peft.tuner.layer import SealLayer
 
     rows = _rows(2)
     scales, calls = {}, {}

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import SealConfig
-from ..layer import SealLayer
 from ..models import input_device
+from ..tuner.config import SealConfig
+from ..tuner.layer import SealLayer
 
 PROBE = "seal_probe"
 

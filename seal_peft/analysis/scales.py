@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..config import SealConfig
-from ..model import _text_config, resolve_head_dim
+from ..tuner.config import SealConfig
+from ..tuner.model import _text_config, resolve_head_dim
 from ._probe import _is_peft_model, layout_of
 from .attribution import HeadAttribution, spearman
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import SealConfig
+from ..tuner.config import SealConfig
 from ._probe import Head, layout_of
 from .attribution import SIGNS, HeadAttribution
 
@@ -107,7 +107,7 @@ def restrict_to_heads(
 
 
 def _channels_per_head(module: nn.Module, peft_model: nn.Module) -> int:
-    from ..model import _text_config, resolve_head_dim
+    from ..tuner.model import _text_config, resolve_head_dim
 
     return resolve_head_dim(
         SealConfig(), module.in_features, None, _text_config(peft_model.get_base_model()), "o_proj"

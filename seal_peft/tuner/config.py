@@ -13,7 +13,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-from ._registration import seal_peft_type
+from .registration import seal_peft_type
 
 GRANULARITIES = ("head", "channel")
 # Context-extension methods a SEAL adapter can be trained/evaluated on (see seal_peft/extension.py).
