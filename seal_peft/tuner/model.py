@@ -6,13 +6,13 @@ import warnings
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import TARGET_MODULES_MAPPING, SealConfig
 from .layer import Linear, SealLayer
+from .peft_compat import PeftCompat
 
 
 def _text_config(model: nn.Module) -> Any:
@@ -137,87 +137,23 @@ def resolve_head_dim(
     )
 
 
-class SealModel(BaseTuner):
+class SealModel(PeftCompat, BaseTuner):
     """Injects SEAL scales into the attention output projections of a model.
 
     Created by ``peft.get_peft_model(model, SealConfig(...))``; users do not instantiate it directly.
     Every generic PEFT operation (merge/unmerge, ``merge_and_unload``, ``unload``, multiple
     adapters, ``disable_adapter``, save/load) works as for LoRA/IA3.
+
+    This class holds SEAL's own logic (default targets, group size per target, mixed-adapter batches);
+    the overrides that only correct PEFT behaviour live in :class:`~seal_peft.tuner.peft_compat.PeftCompat`.
     """
 
     prefix: str = "seal_"
     tuner_layer_cls = SealLayer
     target_module_mapping = TARGET_MODULES_MAPPING
 
-    # ------------------------------------------------------------------ all-or-nothing merges
-    def _check_merge_all(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
-        for module in self.model.modules():
-            if isinstance(module, SealLayer):
-                module.check_merge(adapter_names=adapter_names, safe_merge=safe_merge)
-
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """PEFT's ``merge_adapter``, but a merge that fails in one layer changes no layer."""
-        self._check_merge_allowed()
-        self._check_merge_all(adapter_names, safe_merge)
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
-
-    def _unload_and_optionally_merge(
-        self,
-        merge: bool = True,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: list[str] | None = None,
-    ) -> nn.Module:
-        # PEFT merges and unloads layer by layer: without this check a safe_merge failure in layer k would
-        # leave layers 0..k-1 merged *and* unwrapped, i.e. the adapter irrecoverably half-applied.
-        if merge:
-            self._check_merge_allowed()
-            self._check_merge_all(adapter_names, safe_merge)
-        # The layers are dropped right after merging and never unmerged: keep no copy of half-precision
-        # weights for an exact unmerge (SealConfig.exact_unmerge), it would only raise the peak memory.
-        layers = [m for m in self.model.modules() if isinstance(m, SealLayer)] if merge else []
-        for layer in layers:
-            layer._seal_merging_to_unload = True
-        try:
-            return super()._unload_and_optionally_merge(
-                merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-            )
-        finally:
-            for layer in layers:
-                layer._seal_merging_to_unload = False
-
-    # ------------------------------------------------------------------ enable / disable
-    def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        # PEFT re-enables adapters through set_adapter(), which makes their scales trainable again: after
-        # `with model.disable_adapter():` an adapter loaded for inference would silently become trainable.
-        # Remember requires_grad when disabling and put it back when enabling.
-        saved = getattr(self, "_seal_requires_grad", None)
-        if not enabled and saved is None:
-            self._seal_requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
-        super()._enable_adapter_layers(enabled)
-        if enabled and saved is not None:
-            self._seal_requires_grad = None
-            for name, param in self.model.named_parameters():
-                if name in saved:
-                    param.requires_grad_(saved[name])
-
-    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        self._seal_requires_grad = None  # an explicit switch decides trainability from now on
-        super().set_adapter(adapter_name, inference_mode=inference_mode)
-
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        # PEFT's save drops every key containing ".<other adapter name>." when it writes one adapter, so an
-        # adapter named like a module of the model ("o_proj", "layers", ...) would make the *other* adapters
-        # save as empty files. Refuse such names up front.
-        others = set(getattr(self, "peft_config", {})) - {adapter_name}
-        parts = {p for key in model.state_dict() for p in key.split(".")} - others
-        parts |= {"seal_scale", "base_layer", "modules_to_save", "original_module"}  # added by PEFT/SEAL
-        if adapter_name in parts:
-            raise ValueError(
-                f"Adapter name {adapter_name!r} is also a module/parameter name inside the model; PEFT would then "
-                f"save other adapters' weights incompletely. Choose another adapter name (e.g. 'seal_{adapter_name}')."
-            )
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)  # PeftCompat checks the name first
         _warn_if_extension_missing(model, self.peft_config[adapter_name], adapter_name)
 
     @contextmanager
@@ -340,63 +276,6 @@ class SealModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: SealConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """Map checkpoint keys to the model and refuse adapters that do not fit it.
-
-        PEFT alone would raise a bare size-mismatch error, or silently ignore scales of layers the
-        model does not have; a SEAL adapter for another model must never load half-way.
-        """
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        suffix = f".seal_scale.{adapter_name}"
-        model_state = model.state_dict()
-        own = {k: v for k, v in model_state.items() if k.endswith(suffix)}
-        loaded = {k: v for k, v in remapped.items() if ".seal_scale" in k}
-        base = getattr(config, "base_model_name_or_path", None)
-        hint = f" It was saved for base model {base!r}." if base else ""
-        # Anything else must land in this adapter's modules_to_save copies. A key that maps onto a base
-        # weight (e.g. 'lm_head.weight' when adapter_config.json lost its modules_to_save) would make
-        # PEFT overwrite the base model itself.
-        stray = sorted(
-            k
-            for k in remapped
-            if ".seal_scale" not in k and not (f".modules_to_save.{adapter_name}." in k and k in model_state)
-        )
-        if stray:
-            raise ValueError(
-                f"This SEAL adapter file holds {len(stray)} weight(s) that are neither SEAL scales nor "
-                f"modules_to_save copies of its config (e.g. {stray[0]!r}); loading would overwrite base model "
-                f"weights. adapter_config.json does not match adapter_model.safetensors (is `modules_to_save` "
-                f"missing from the config?). Restore the config saved with these weights."
-            )
-        unknown = sorted(set(loaded) - set(own))
-        if unknown:
-            raise ValueError(
-                f"This SEAL adapter does not fit the model: {len(unknown)} scale(s) belong to modules the model "
-                f"does not have (e.g. {unknown[0]!r}).{hint} Load it onto the model it was trained on."
-            )
-        missing = sorted(set(own) - set(loaded))
-        if missing:
-            raise ValueError(
-                f"This SEAL adapter does not fit the model: it has no scales for {len(missing)} SEAL layer(s) "
-                f"(e.g. {missing[0]!r}).{hint} Load it onto the model it was trained on."
-            )
-        for key, value in loaded.items():
-            if tuple(value.shape) != tuple(own[key].shape):
-                raise ValueError(
-                    f"This SEAL adapter does not fit the model: {key!r} has {tuple(value.shape)} scales in the "
-                    f"file but the model needs {tuple(own[key].shape)} (a different number of heads or head "
-                    f"size).{hint} Load it onto the model it was trained on."
-                )
-            if not torch.isfinite(value).all():
-                raise ValueError(
-                    f"The SEAL adapter file holds non-finite scales for {key!r}; it is corrupted or the training "
-                    f"diverged. Retrain it or use an earlier checkpoint."
-                )
-        return remapped
 
 
 def _warn_if_extension_missing(model: nn.Module, config: SealConfig, adapter_name: str) -> None:
