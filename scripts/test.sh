@@ -8,6 +8,8 @@ start=$(date +%s)
 . scripts/install.sh
 echo "== ruff"
 ruff check seal_peft tests examples benchmarks
+echo "== import layers (lint-imports, contracts in pyproject.toml)"
+lint-imports
 echo "== pytest"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
 echo "== tests took $(( $(date +%s) - start )) s"

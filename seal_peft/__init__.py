@@ -9,7 +9,7 @@ with a SEAL model card.
 
 from __future__ import annotations
 
-from .hub import model_card, push_to_hub
+from .integrations.hub import model_card, push_to_hub
 from .loading import check_adapter_dir, from_pretrained, save_adapter
 from .tuner import registration as _registration
 from .tuner.config import TARGET_MODULES_MAPPING, SealConfig

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 import seal_peft
 from seal_peft import SealConfig
-from seal_peft.hub import model_card
+from seal_peft.integrations.hub import model_card
 
 REPO = "acme/seal-tiny"
 BASE_ID = "acme/tiny-llama"
@@ -154,7 +154,7 @@ def test_push_to_hub_from_saved_folder(tmp_path, monkeypatch):
 def test_push_to_hub_branch_and_selected_adapter(tmp_path, monkeypatch):
     hub = FakeHub(monkeypatch)
     model = _two_adapters(tiny_checkpoint(tmp_path / "base"))
-    seal_peft.hub.push_to_hub(model, REPO, revision="v1", selected_adapters=["default"], tags=["my-task"])
+    seal_peft.integrations.hub.push_to_hub(model, REPO, revision="v1", selected_adapters=["default"], tags=["my-task"])
     assert [c[0] for c in hub.calls] == ["create_repo", "create_branch", "upload_folder"]
     assert hub.calls[2][1]["revision"] == "v1"
     assert set(hub.files) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
@@ -192,7 +192,7 @@ def test_card_without_hub_base_and_non_seal_models(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------- no import side effects
 # Every seal_peft submodule import runs seal_peft/__init__ first, so the module imported first decides
 # the import order; each one is imported first in a fresh interpreter.
-MODULES = ["seal_peft.tuner.config", "seal_peft.tuner.registration", "seal_peft.tuner.model", "seal_peft.hub"]
+MODULES = ["seal_peft.tuner.config", "seal_peft.tuner.registration", "seal_peft.tuner.model", "seal_peft.integrations.hub"]
 SIDE_EFFECTS = r"""
 import importlib, json, sys, tempfile, os
 import huggingface_hub, peft, transformers
@@ -277,12 +277,12 @@ def _seal_imports(path: Path) -> set[str]:
 
 
 def test_tuner_modules_import_no_cycle():
-    """tuner/{config,registration,model,layer}, hub and loading: no import cycle, lazy imports included.
+    """tuner/{config,registration,model,layer}, integrations/hub and loading: no import cycle, lazy imports included.
 
     Registration is a leaf (it imports nothing of seal_peft; the package __init__ passes it the classes), so
     creating a SealConfig does not pull in the tuner, and nothing imports the package itself.
     """
-    names = ["tuner.config", "tuner.registration", "tuner.model", "tuner.layer", "hub", "loading"]
+    names = ["tuner.config", "tuner.registration", "tuner.model", "tuner.layer", "integrations.hub", "loading"]
     graph = {
         name: {
             m.removeprefix("seal_peft.")

@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from .tuner.config import SealConfig
+from ..tuner.config import SealConfig
 
 SEAL_TAGS = ("seal", "seal-peft", "peft", "long-context", "retrieval")
 _PAPER = "https://arxiv.org/abs/2501.15225"
@@ -55,7 +55,7 @@ def _embedded_key(path: str | None):
     """``(key, spec)`` if ``path`` is the local cache folder of one of seal-peft's embedded models."""
     if not path:
         return None
-    from .models import EMBEDDED_MODELS
+    from ..models import EMBEDDED_MODELS
 
     name = os.path.basename(os.path.normpath(path))
     for key, spec in EMBEDDED_MODELS.items():
@@ -79,7 +79,7 @@ def _folder_adapters(folder: str | os.PathLike) -> dict[str, str]:
     sub-folder named after it. Each is validated (:func:`seal_peft.check_adapter_dir`): SEAL, complete
     weight file, no pickle.
     """
-    from .loading import check_adapter_dir
+    from ..loading import check_adapter_dir
 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
