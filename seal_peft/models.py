@@ -512,3 +512,22 @@ def load_model(
         model = model.to(target)
     tokenizer = load_tokenizer(source, **tok_kwargs)
     return model.eval(), tokenizer
+
+
+def resolve_dtype(name: str):
+    """``auto``: bf16 where it is fast (CUDA with bf16, CPUs whose oneDNN has bf16 kernels), else fp32."""
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # builds without oneDNN
+        fast = False
+    return torch.bfloat16 if fast else torch.float32
+
+
+def on_cpu(model) -> bool:
+    """True when ``model`` runs on the CPU and is not spread by a ``device_map`` (the Trainer would move it)."""
+    return input_device(model).type == "cpu" and not getattr(model, "hf_device_map", None)

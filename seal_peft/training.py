@@ -365,3 +365,68 @@ def _core_record(r: dict) -> dict:
         "attention_mask": list(r.get("attention_mask", [1] * n)),
         "labels": list(r["labels"]),
     }
+
+
+def train_variant(
+    model,
+    tokenizer,
+    train_ds,
+    granularity: str,
+    out_dir: str,
+    *,
+    learning_rate=None,
+    epochs=None,
+    scale_pull=None,
+    layers=None,
+    gradient_checkpointing=False,
+    seed=0,
+    progress=True,
+    lm_every=None,
+    lm_length=None,
+    recipe: str = "paper",
+    **trainer_overrides,
+):
+    """Wrap ``model`` with SEAL and train it (``seal-peft train`` / ``demo``) with ``seal_peft.training.RECIPES[recipe][granularity]``;
+    returns the PeftModel.
+
+    ``lm_every > 0`` adds one plain-text LM window of ``lm_length`` tokens (training essays) per
+    ``lm_every`` retrieval samples (``seal_peft.training.add_lm_samples``; the Trainer shuffles the
+    mix). Arguments left at ``None`` take the recipe's value; ``trainer_overrides`` go to
+    ``TrainingArguments``. A model on the CPU trains on the CPU (the Trainer would otherwise move it
+    to a GPU).
+    """
+    import dataclasses
+
+    from peft import get_peft_model
+
+    from .models import on_cpu
+    from .tuner.config import SealConfig
+
+    chosen = {
+        "learning_rate": learning_rate,
+        "num_train_epochs": epochs,
+        "scale_pull": scale_pull,
+        "lm_every": lm_every,
+        "lm_length": lm_length,
+    }
+    settings = dataclasses.replace(
+        get_recipe(recipe, granularity), **{k: v for k, v in chosen.items() if v is not None}
+    )
+    lm_every, lm_length = settings.lm_every, settings.lm_length
+    if lm_every:
+        train_ds = add_lm_samples(train_ds, tokenizer, every=lm_every, length=lm_length, seed=seed)
+    peft_model = get_peft_model(model, SealConfig(granularity=granularity, layers_to_transform=layers))
+    train_seal(
+        peft_model,
+        tokenizer,
+        train_ds,
+        out_dir,
+        granularity=granularity,
+        seed=seed,
+        progress=progress,
+        gradient_checkpointing=gradient_checkpointing,
+        **({"use_cpu": True} if on_cpu(model) else {}),
+        **settings.train_kwargs(),
+        **trainer_overrides,
+    )
+    return peft_model

@@ -57,8 +57,8 @@ def test_eval_generates_needles_from_the_held_out_essays(monkeypatch):
         seen["ds"] = ds
         raise _Stop
 
-    monkeypatch.setattr(cli, "_load_with_adapter", lambda *a, **k: (None, tok))
-    monkeypatch.setattr(cli, "evaluate_model", fake_evaluate_model)
+    monkeypatch.setattr(cli.eval, "_load_with_adapter", lambda *a, **k: (None, tok))
+    monkeypatch.setattr(cli.eval, "evaluate_model", fake_evaluate_model)
     with pytest.raises(_Stop):
         cli.main(["eval", *NEEDLE, "--device", "cpu"])
     assert len(seen["ds"]) == 2 and {_haystack_half(tok, r) for r in seen["ds"]} == {"eval"}
@@ -75,8 +75,8 @@ def test_train_generates_needles_from_the_training_essays(monkeypatch):
         raise _Stop
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, tok))
-    monkeypatch.setattr(cli, "_apply_extend", lambda *a: None)
-    monkeypatch.setattr(cli, "train_variant", fake_train_variant)
+    monkeypatch.setattr(cli.train, "_apply_extend", lambda *a: None)
+    monkeypatch.setattr(cli.train, "train_variant", fake_train_variant)
     with pytest.raises(_Stop):
         cli.main(["train", *NEEDLE, "--device", "cpu", "--out", "unused"])
     assert {_haystack_half(tok, r) for r in seen["ds"]} == {"train"}
@@ -91,20 +91,20 @@ def test_needle_data_from_the_wrong_essays_is_refused(monkeypatch, tmp_path):
     for half in ("train", "None"):
         args.data = str(tmp_path / half)
         with pytest.raises(ValueError, match="held-out half.*--essays eval"):
-            cli._dataset_from_args(args, tok, essays="eval")
+            cli._common._dataset_from_args(args, tok, essays="eval")
     args.data = str(tmp_path / "eval")
-    assert len(cli._dataset_from_args(args, tok, essays="eval")) == 1
+    assert len(cli._common._dataset_from_args(args, tok, essays="eval")) == 1
     with pytest.raises(ValueError, match="train on the training half.*--essays train"):
-        cli._dataset_from_args(args, tok, essays="train")
+        cli._common._dataset_from_args(args, tok, essays="train")
     args.data = str(tmp_path / "None")
     with pytest.warns(UserWarning, match="all the essays"):
-        cli._dataset_from_args(args, tok, essays="train")
+        cli._common._dataset_from_args(args, tok, essays="train")
     # `generate --essays eval` writes evaluation data
     out = tmp_path / "gen"
     monkeypatch.setattr("seal_peft.models.load_tokenizer", lambda *a, **k: tok)
     assert cli.main(["generate", *NEEDLE, "--essays", "eval", "--out", str(out)]) == 0
     args.data = str(out)
-    ds = cli._dataset_from_args(args, tok, essays="eval")
+    ds = cli._common._dataset_from_args(args, tok, essays="eval")
     assert {_haystack_half(tok, r) for r in ds} == {"eval"}
 
 
@@ -171,14 +171,14 @@ def test_usage_errors_are_one_line_internal_errors_keep_their_traceback(monkeypa
         raise ValueError("an internal bug")
 
     argv = ["generate", "--out", str(tmp_path / "x")]
-    monkeypatch.setattr(cli, "cmd_generate", usage)
+    monkeypatch.setattr(cli.generate, "cmd_generate", usage)
     assert cli.main(argv) == 2
     assert capsys.readouterr().err == "error: --thing 3: use 4\n"
     with pytest.raises(SealUsageError):  # --debug: the traceback
         cli.main([*argv, "--debug"])
-    monkeypatch.setattr(cli, "cmd_generate", bug)
+    monkeypatch.setattr(cli.generate, "cmd_generate", bug)
     for error in (ValueError, TypeError, FileNotFoundError):
-        monkeypatch.setattr(cli, "cmd_generate", lambda args, e=error: (_ for _ in ()).throw(e("a bug")))
+        monkeypatch.setattr(cli.generate, "cmd_generate", lambda args, e=error: (_ for _ in ()).throw(e("a bug")))
         with pytest.raises(error, match="a bug"):
             cli.main(argv)
 
@@ -203,7 +203,7 @@ def test_train_layers_outside_the_model_are_refused(monkeypatch, capsys):
     from seal_peft import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: (make_model("llama"), char_tokenizer()))
-    monkeypatch.setattr(cli, "train_variant", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(cli.train, "train_variant", lambda *a, **k: pytest.fail("trained"))
     assert cli.main(["train", "--out", "unused", "--layers", "0,5", "--device", "cpu", "--quiet"]) == 2
     assert "--layers 0,5: the model has 2 layers (0..1); 5 do not exist" in capsys.readouterr().err
 
@@ -234,8 +234,8 @@ def test_train_data_of_another_tokenizer_is_refused(monkeypatch, tmp_path, capsy
     seen = {}
     loaded = {}
     monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, loaded["tok"]))
-    monkeypatch.setattr(cli, "_apply_extend", lambda *a: None)
-    monkeypatch.setattr(cli, "train_variant", lambda m, t, d, *a, **k: seen.update(n=len(d)) or _stop())
+    monkeypatch.setattr(cli.train, "_apply_extend", lambda *a: None)
+    monkeypatch.setattr(cli.train, "train_variant", lambda m, t, d, *a, **k: seen.update(n=len(d)) or _stop())
     argv = ["train", "--device", "cpu", "--quiet", "--out", str(tmp_path / "adapter")]
     loaded["tok"] = _other_tokenizer()
     assert cli.main([*argv, "--data", str(tmp_path / "data"), "--model", "other/model"]) == 2

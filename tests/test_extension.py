@@ -283,7 +283,8 @@ def test_plain_load_of_extended_adapter_warns(tmp_path, method, factor, opts):
 
 
 def test_cli_extend_option(tmp_path):
-    from seal_peft.cli import _apply_extend, build_parser
+    from seal_peft.cli import build_parser
+    from seal_peft.cli._common import _apply_extend
 
     args = build_parser().parse_args(["eval", "--extend", "self_extend:4:window=512"])
     assert args.extend == "self_extend:4:window=512"

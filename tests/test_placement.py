@@ -139,10 +139,9 @@ def test_training_a_model_on_the_cpu_stays_on_the_cpu(monkeypatch):
     from conftest import make_model
 
     import seal_peft.training as training
-    from seal_peft import cli
 
     seen = {}
     monkeypatch.setattr(training, "train_seal", lambda m, t, ds, out, **kw: seen.update(kw))
     rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}] * 2
-    cli.train_variant(make_model("llama"), None, rows, "head", "unused", lm_every=0)
+    training.train_variant(make_model("llama"), None, rows, "head", "unused", lm_every=0)
     assert seen["use_cpu"] is True

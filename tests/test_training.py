@@ -223,7 +223,6 @@ def test_cli_train_lm_options_parse():
 
 def test_recipe_mixes_lm_samples_unless_turned_off(monkeypatch):
     import seal_peft.training as training
-    from seal_peft import cli
 
     class Tok:
         def __call__(self, text, add_special_tokens=False):
@@ -231,11 +230,11 @@ def test_recipe_mixes_lm_samples_unless_turned_off(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(training, "train_seal", lambda m, t, ds, out, **kw: seen.update(n=len(ds), kw=kw))
-    cli.train_variant(make_model("llama"), Tok(), _rows(6), "channel", "unused", recipe="smollm2")
+    training.train_variant(make_model("llama"), Tok(), _rows(6), "channel", "unused", recipe="smollm2")
     tuned = training.RECIPES["smollm2"]["channel"]
     assert seen["n"] == 6 + 3 and seen["kw"]["learning_rate"] == tuned.learning_rate
     assert "lm_every" not in seen["kw"] and "lm_length" not in seen["kw"]  # not Trainer arguments
-    cli.train_variant(make_model("llama"), Tok(), _rows(6), "head", "unused", lm_every=0, recipe="smollm2")
+    training.train_variant(make_model("llama"), Tok(), _rows(6), "head", "unused", lm_every=0, recipe="smollm2")
     assert seen["n"] == 6
 
 
@@ -298,8 +297,8 @@ def test_one_source_of_recipes(monkeypatch):
     ]:
         args = parse(["train", "--out", "x", *argv])
         assert args.model == model_name
-        recipe = cli._recipe_name(args)
-        cli.train_variant(make_model("llama"), CharTok(), _rows(6), "head", "unused", recipe=recipe)
+        recipe = cli._common._recipe_name(args)
+        training.train_variant(make_model("llama"), CharTok(), _rows(6), "head", "unused", recipe=recipe)
         windows = 6 // expect.lm_every if expect.lm_every else 0
         assert seen[-1][1]["learning_rate"] == expect.learning_rate and seen[-1][0] == 6 + windows
 

@@ -36,6 +36,7 @@ from .scoring import (
     qa_f1,
     score_line_retrieval,
 )
+from .summary import evaluate_model
 
 __all__ = [
     "generate_answers",
@@ -55,6 +56,7 @@ __all__ = [
     "qa_f1",
     "score_records",
     "EvalResult",
+    "evaluate_model",
     "evaluate_retrieval",
     "NeedleGrid",
     "needle_grid",
