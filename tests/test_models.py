@@ -291,3 +291,24 @@ def test_load_model_moves_to_device_or_passes_device_map(tmp_path, monkeypatch):
     assert seen["device_map"] == "auto" and seen["dtype"] == torch.bfloat16 and model.moved_to == []
     with pytest.raises(SealUsageError, match="not both"):
         load_model(tmp_path, device="cpu", device_map="auto")
+
+
+def test_auto_dtype_is_bf16_only_on_cpus_with_native_bf16(monkeypatch):
+    """oneDNN reports bf16 'supported' on AVX512F-only CPUs, where bf16 is emulated and ~4x slower than
+    fp32; `--dtype auto` must pick fp32 there and bf16 only with native bf16 instructions."""
+    import torch
+
+    from seal_peft import models
+
+    xeon = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512vl\n"
+    sapphire = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+    graviton3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+    assert not models.cpu_has_fast_bf16(xeon)
+    assert models.cpu_has_fast_bf16(sapphire) and models.cpu_has_fast_bf16(graviton3)
+    assert not models.cpu_has_fast_bf16("")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda cpuinfo=None: False)
+    assert models.resolve_dtype("auto") == torch.float32
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda cpuinfo=None: True)
+    assert models.resolve_dtype("auto") == torch.bfloat16
+    assert models.resolve_dtype("float32") == torch.float32
