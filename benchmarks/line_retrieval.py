@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--dtype",
-        default="bfloat16",
-        choices=["bfloat16", "float32"],
-        help="base model dtype (scales stay fp32)",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="base model dtype (scales stay fp32); auto = bf16 only where the hardware has native bf16",
     )
     p.add_argument("--out", default=None)
     p.add_argument("--save-adapter", default=None)
@@ -132,14 +132,15 @@ def main(argv: list[str] | None = None) -> dict:
     import seal_peft
     from seal_peft.data import heldout_text, line_retrieval
     from seal_peft.evaluation import evaluate_retrieval, perplexity
-    from seal_peft.models import load_model
+    from seal_peft.models import load_model, resolve_dtype
     from seal_peft.training import add_lm_samples, train_seal
 
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+    dtype = resolve_dtype(args.dtype)
+    model, tok = load_model(args.model, dtype=dtype)
     eval_lengths = [int(x) for x in args.eval_lengths.split(",")]
     train_lengths = [int(x) for x in args.train_length.split(",")]
-    record: dict = {"args": vars(args)}
+    record: dict = {"args": vars(args), "dtype": str(dtype).removeprefix("torch.")}
     train_ds = line_retrieval(
         tok,
         args.train_samples,
