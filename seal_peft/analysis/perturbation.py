@@ -227,7 +227,7 @@ def answer_scores(
     """Answer NLL (mean per answer token) and teacher-forced correctness of ``model`` as it is (plain or
     ``PeftModel``), one forward per sample: ``{"nll": [...], "correct": [...], "answer_nll": mean,
     "accuracy": mean}``. The cheap evaluation used by ``benchmarks/attribution.py``."""
-    from ._probe import accepts_logits_to_keep
+    from ..models import accepts_logits_to_keep
 
     records = as_record_list(data)
     device = input_device(model)

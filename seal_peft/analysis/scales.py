@@ -11,7 +11,8 @@ import numpy as np
 from torch import nn
 
 from ..tuner.config import SealConfig
-from ..tuner.model import _text_config, resolve_head_dim
+from ..tuner.model import resolve_head_dim
+from ..tuner.utils import text_config
 from ._probe import _is_peft_model, layout_of
 from .attribution import HeadAttribution, spearman
 
@@ -57,7 +58,7 @@ def _read_scales(peft_model: nn.Module, adapter_name: str, head_dim: int | None,
         parent_name = name.rsplit(".", 1)[0] if "." in name else ""
         parent = peft_model.get_submodule(parent_name) if parent_name else None
         d = resolve_head_dim(
-            SealConfig(head_dim=head_dim), module.in_features, parent, _text_config(base), name
+            SealConfig(head_dim=head_dim), module.in_features, parent, text_config(base), name
         )
         per_head = scale.reshape(-1, d)
         rows_mean.append(per_head.mean(axis=1))

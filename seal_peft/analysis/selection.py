@@ -107,10 +107,11 @@ def restrict_to_heads(
 
 
 def _channels_per_head(module: nn.Module, peft_model: nn.Module) -> int:
-    from ..tuner.model import _text_config, resolve_head_dim
+    from ..tuner.model import resolve_head_dim
+    from ..tuner.utils import text_config
 
     return resolve_head_dim(
-        SealConfig(), module.in_features, None, _text_config(peft_model.get_base_model()), "o_proj"
+        SealConfig(), module.in_features, None, text_config(peft_model.get_base_model()), "o_proj"
     )
 
 

@@ -18,13 +18,15 @@ cache / position arguments through to the base model).
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from ..models import accepts_logits_to_keep, forward_parameters, input_device
+from ..tuner.utils import get_base_model
 
 __all__ = [
     "greedy_generate",
@@ -43,8 +45,9 @@ _COMPLETE_INTEGER = re.compile(r"\d+\D")
 # ----------------------------------------------------------------------------------------------
 # records
 # ----------------------------------------------------------------------------------------------
-def as_records(dataset: Any, what: str = "evaluation set") -> list[Mapping[str, Any]]:
-    """Materialise a ``datasets.Dataset`` / list of dicts into a list of mappings (never empty)."""
+def as_records(dataset: Any, what: str = "evaluation set", task: str = "evaluate") -> list[Mapping[str, Any]]:
+    """Materialise a ``datasets.Dataset`` / list of dicts into a list of mappings (never empty); errors
+    name the ``what`` and that there is nothing to ``task``. Evaluation and analysis both use it."""
     if dataset is None:
         raise ValueError(f"the {what} is None; pass a datasets.Dataset or a list of dict records")
     if isinstance(dataset, Mapping):
@@ -59,7 +62,7 @@ def as_records(dataset: Any, what: str = "evaluation set") -> list[Mapping[str, 
         n = len(dataset)
     if n == 0:
         raise ValueError(
-            f"the {what} is empty: there is nothing to evaluate. Generate records first (e.g. with "
+            f"the {what} is empty: there is nothing to {task}. Generate records first (e.g. with "
             "seal_peft.data) or check the filter/split that produced it"
         )
     records = [dataset[i] for i in range(n)] if hasattr(dataset, "__getitem__") else list(dataset)
@@ -142,24 +145,9 @@ def _resolve_stop_rule(stop_rule: str | StopRule | None) -> StopRule | None:
 # ----------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------
-def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _forward_parameters(model: torch.nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(_inner_model(model).forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in _forward_parameters(model)
-
-
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """transformers >= 5.24 names the KV-cache argument ``cache`` (``past_key_values`` is deprecated)."""
-    params = _forward_parameters(model)
+    params = forward_parameters(model)
     return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
 
 
@@ -168,18 +156,11 @@ def _output_cache(output: Any) -> Any:
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    """Where the inputs go: the device of the input embeddings (``seal_peft.models.input_device``)."""
-    from ..models import input_device
-
-    return input_device(model)
-
-
 def eos_token_ids(model: torch.nn.Module, tokenizer: Any = None) -> set[int]:
     """EOS ids from the tokenizer and the model's generation config (chat models often add one)."""
     ids: set[int] = set()
     candidates = [getattr(tokenizer, "eos_token_id", None)]
-    gen_config = getattr(_inner_model(model), "generation_config", None)
+    gen_config = getattr(get_base_model(model), "generation_config", None)
     candidates.append(getattr(gen_config, "eos_token_id", None))
     for c in candidates:
         if c is None:
@@ -206,7 +187,7 @@ def _greedy_batch(
     use_logits_to_keep: bool,
     cache_kwarg: str = "past_key_values",
 ) -> list[list[int]]:
-    device = _model_device(model)
+    device = input_device(model)
     batch, width = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
@@ -297,7 +278,7 @@ def greedy_generate(
     else:
         eos_ids = {int(t) for t in eos_token_id}
 
-    use_ltk = _accepts_logits_to_keep(model)
+    use_ltk = accepts_logits_to_keep(model)
     cache_kwarg = _cache_kwarg(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list[list[int] | None] = [None] * len(prompts)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .generation import eos_token_ids, greedy_generate
-from .results import EvalResult, _mean
+from .results import EvalResult, mean_or_nan
 from .scoring import qa_f1
 
 __all__ = [
@@ -164,7 +164,7 @@ class LongBenchResult(EvalResult):
         groups: dict[str, list[float]] = {}
         for row in self.rows:
             groups.setdefault(str(row.get("dataset") or "unknown"), []).append(row["score"])
-        return {k: _mean(v) for k, v in sorted(groups.items())}
+        return {k: mean_or_nan(v) for k, v in sorted(groups.items())}
 
     def table(self, *args: Any, **kwargs: Any) -> str:
         """Mean F1 overall and per LongBench dataset (F1 x100, as LongBench reports it)."""

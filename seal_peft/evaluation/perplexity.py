@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .generation import _accepts_logits_to_keep, _model_device
+from ..models import accepts_logits_to_keep, input_device
 
 __all__ = ["perplexity", "token_nll"]
 
@@ -70,8 +70,8 @@ def token_nll(
         raise ValueError(f"stride must be >= 1, got {stride}")
     step = min(step, max_length - 1)
 
-    device = _model_device(model)
-    use_ltk = _accepts_logits_to_keep(model)
+    device = input_device(model)
+    use_ltk = accepts_logits_to_keep(model)
     ids_tensor = torch.tensor(list(ids), dtype=torch.long)
     total_nll, total_count = 0.0, 0
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .results import EvalResult, _bin_index, auto_depth_values, auto_length_bins, depth_bin_edges, nearest_bin
+from .results import EvalResult, auto_depth_values, auto_length_bins, bin_index, depth_bin_edges, nearest_bin
 
 __all__ = ["NeedleGrid", "needle_grid", "plot_heatmap", "plot_accuracy_vs_length"]
 
@@ -106,7 +106,7 @@ def needle_grid(
         labels = [f"{100 * lo:.0f}-{100 * hi:.0f}%" for lo, hi in zip(edges, edges[1:])]
 
         def depth_row(row: Mapping[str, Any]) -> int | None:
-            return _bin_index(float(row["depth"]), edges)
+            return bin_index(float(row["depth"]), edges)
 
     sums = [[0.0] * len(lengths) for _ in depths]
     counts = [[0] * len(lengths) for _ in depths]

@@ -49,7 +49,7 @@ def depth_bin_edges(bins: int | Sequence[float]) -> list[float]:
     return edges
 
 
-def _bin_index(value: float, edges: Sequence[float]) -> int | None:
+def bin_index(value: float, edges: Sequence[float]) -> int | None:
     """Half-open bins [e_i, e_{i+1}), the last one closed; None when outside."""
     if value < edges[0] or value > edges[-1]:
         return None
@@ -115,7 +115,8 @@ def auto_depth_values(
     return [round(_median(g), 3) for g in groups]
 
 
-def _mean(values: Iterable[float]) -> float:
+def mean_or_nan(values: Iterable[float]) -> float:
+    """The mean of ``values``; NaN (not an error) for an empty group, so tables keep their shape."""
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
 
@@ -165,7 +166,7 @@ class EvalResult:
     @property
     def accuracy(self) -> float:
         """Mean score over all rows (NaN for an empty result)."""
-        return _mean(r["score"] for r in self.rows)
+        return mean_or_nan(r["score"] for r in self.rows)
 
     @property
     def num_correct(self) -> int:
@@ -200,7 +201,7 @@ class EvalResult:
         """
         resolved = self.resolve_length_bins(bins)
         groups = self._grouped(lambda r: self._length_key(r, resolved))
-        return {k: _mean(groups[k]) for k in sorted(groups)}
+        return {k: mean_or_nan(groups[k]) for k in sorted(groups)}
 
     def counts_by_length(self, bins: Sequence[int] | None = None) -> dict[int, int]:
         resolved = self.resolve_length_bins(bins)
@@ -218,7 +219,7 @@ class EvalResult:
         """Mean score per depth bin (``"0.00-0.20"`` ...), rows without a depth are skipped."""
         edges = depth_bin_edges(bins)
         groups = self._grouped(lambda r: self._depth_key(r, edges))
-        return {depth_label(edges[i], edges[i + 1]): _mean(groups[i]) for i in sorted(groups)}
+        return {depth_label(edges[i], edges[i + 1]): mean_or_nan(groups[i]) for i in sorted(groups)}
 
     def counts_by_depth(self, bins: int | Sequence[float] = 5) -> dict[str, int]:
         edges = depth_bin_edges(bins)
@@ -230,11 +231,11 @@ class EvalResult:
         depth = row.get("depth")
         if depth is None or (isinstance(depth, float) and math.isnan(depth)):
             return None
-        return _bin_index(float(depth), edges)
+        return bin_index(float(depth), edges)
 
     def accuracy_by_task(self) -> dict[str, float]:
         groups = self._grouped(lambda r: r.get("task"))
-        return {k: _mean(groups[k]) for k in sorted(groups)}
+        return {k: mean_or_nan(groups[k]) for k in sorted(groups)}
 
     def summary(
         self, length_bins: Sequence[int] | None = None, depth_bins: int | Sequence[float] = 5

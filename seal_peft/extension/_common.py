@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..tuner.config import EXTENSION_METHODS
+from ..tuner.utils import get_base_model, text_config
 
 #: Model types whose attention Self-Extend supports: RoPE on the full head with the rotate-half layout,
 #: rotation applied before the attention core (so the core can re-rotate), no soft-capping.
@@ -24,16 +25,6 @@ _OPTIONS = {
 }
 
 _ORIGINAL = "_seal_extension_original"  # plain attribute on the transformers model: what to restore
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a ``PeftModel`` (or the model itself)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-def _text_config(model: nn.Module):
-    config = model.config
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
 
 def _rotary_dim(config) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -120,7 +111,7 @@ def _normalise(method: Any, factor: Any, opts: Mapping[str, Any], config) -> dic
 
 def extension_of(model: nn.Module) -> dict[str, Any] | None:
     """The extension applied to ``model`` (a ``PeftModel`` or transformers model), or ``None``."""
-    record = getattr(_text_config(_base_model(model)), "seal_extension", None)
+    record = getattr(text_config(get_base_model(model)), "seal_extension", None)
     if not isinstance(record, Mapping):
         return None
     return {k: v for k, v in record.items() if k != "native_max_position_embeddings"}
@@ -131,7 +122,7 @@ def extended_context_length(model: nn.Module) -> int:
     RoPE methods: ``native * factor``. Self-Extend: the longest input whose grouped positions stay
     inside the native window, ``(native - window + window // group) * group``. Unextended: native.
     """
-    config = _text_config(_base_model(model))
+    config = text_config(get_base_model(model))
     native = _native_window(config)
     record = extension_of(model)
     if record is None:

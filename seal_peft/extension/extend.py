@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from ._common import _ORIGINAL, _base_model, _normalise, _text_config, extension_of
+from ..tuner.utils import get_base_model, text_config
+from ._common import _ORIGINAL, _normalise, extension_of
 from .rope import _apply_rope, _rebuild_rotary
 from .self_extend import _apply_self_extend, _attention_modules, self_extend_states
 
@@ -28,8 +29,8 @@ def extend_context(model: nn.Module, method: str, factor: float = 2.0, **opts: A
     Applying the same extension again is a no-op; a different one on an extended model is an error
     (load a fresh model). Raises ``ValueError``/``TypeError`` naming the bad value and the fix.
     """
-    base_model = _base_model(model)
-    config = _text_config(base_model)
+    base_model = get_base_model(model)
+    config = text_config(base_model)
     record = _normalise(method, factor, opts, config)
     existing = extension_of(base_model)
     if existing is not None:
@@ -62,8 +63,8 @@ def extend_context(model: nn.Module, method: str, factor: float = 2.0, **opts: A
 
 def remove_extension(model: nn.Module) -> nn.Module:
     """Undo :func:`extend_context` on ``model`` (restores RoPE settings and attention); returns ``model``."""
-    base_model = _base_model(model)
-    config = _text_config(base_model)
+    base_model = get_base_model(model)
+    config = text_config(base_model)
     original = getattr(base_model, _ORIGINAL, None)
     if original is None:
         if extension_of(base_model) is not None:

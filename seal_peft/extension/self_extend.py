@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._common import _SELF_EXTEND_NAMES, _base_model
+from ..tuner.utils import get_base_model
+from ._common import _SELF_EXTEND_NAMES
 
 
 @dataclass
@@ -199,7 +200,7 @@ def self_extend_states(model: nn.Module) -> list[SelfExtendState]:
     """The Self-Extend settings of every attention module of ``model`` (empty when not applied)."""
     return [
         m._seal_self_extend
-        for m in _attention_modules(_base_model(model))
+        for m in _attention_modules(get_base_model(model))
         if getattr(m, "_seal_self_extend", None) is not None
     ]
 

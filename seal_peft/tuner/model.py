@@ -13,16 +13,7 @@ from torch import nn
 from .config import TARGET_MODULES_MAPPING, SealConfig
 from .layer import Linear, SealLayer
 from .peft_compat import PeftCompat
-
-
-def _text_config(model: nn.Module) -> Any:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        try:
-            return config.get_text_config()
-        except Exception:  # pragma: no cover - exotic configs
-            return config
-    return config
+from .utils import text_config as _text_config
 
 
 def _positive_int(value: Any) -> int | None:
