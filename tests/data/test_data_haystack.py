@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
 from seal_peft.data import NEEDLES, heldout_text, load_essays, needle_haystack
@@ -148,3 +151,23 @@ def test_needle_dataset_records_its_essay_half(char_tokenizer, tmp_path):
     from datasets import Dataset
 
     assert dataset_metadata(Dataset.from_list(evals.to_list())) == []  # rebuilt: no record
+
+
+
+def test_needle_tables_and_data_are_unchanged(smol_tokenizer):
+    """The needle tables (``needles.json``) and the data they generate are byte-identical to the tables
+    that were literals in ``haystack.py`` (checksums taken before the move): same seed, same samples."""
+    from seal_peft.data import haystack
+
+    tables = {
+        "slots": {k: list(v) for k, v in haystack.SLOTS.items()},
+        "number_slots": {k: list(v) for k, v in haystack.NUMBER_SLOTS.items()},
+        "needles": [dict(n) for n in haystack.NEEDLES],
+    }
+    digest = hashlib.sha256(json.dumps(tables, sort_keys=True).encode()).hexdigest()
+    assert digest == "ff49d56aa0b1fefdbac653c369abd86e8c1f4388b6c7d1e65315a20d7752c853"
+    ds = needle_haystack(smol_tokenizer, num_samples=4, length=[512, 1024], seed=3, progress=False)
+    h = hashlib.sha256()
+    for r in ds:
+        h.update(json.dumps([r["input_ids"], r["labels"], r["answer"]]).encode())
+    assert h.hexdigest() == "bbebad817bfbd1eb62a6a7c2c1c850f0544427a4a7183fce724e32d3bb279d3e"
