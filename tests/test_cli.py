@@ -265,3 +265,89 @@ def test_eval_of_a_folder_that_is_no_adapter_is_a_usage_error(monkeypatch, tmp_p
         assert cli.main(["eval", "--adapter", str(adapter), "--device", "cpu", "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- TrainingArguments
+def _captured_training_args(monkeypatch, extra):
+    """Run ``seal-peft train`` on a tiny model up to the ``Trainer`` and return the args it is given."""
+    from conftest import make_model
+    from transformers import Trainer
+
+    from seal_peft import models
+
+    seen = {}
+
+    def fake_init(self, *a, args=None, **k):  # the Trainer gets its args; nothing trains
+        seen["args"] = args
+        raise _Stop
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (make_model("llama"), char_tokenizer()))
+    monkeypatch.setattr(Trainer, "__init__", fake_init)
+    with pytest.raises(_Stop):
+        cli.main(["train", *NEEDLE, "--device", "cpu", "--out", "unused", *extra])
+    return seen["args"]
+
+
+def test_train_passes_any_training_argument_to_the_trainer(monkeypatch):
+    args = _captured_training_args(
+        monkeypatch,
+        [
+            "--ta", "per_device_train_batch_size=4",
+            "--ta", "gradient_accumulation_steps=3",
+            "--ta", "logging_steps=7",
+            "--ta", "report_to=tensorboard",
+            "--ta", "bf16=false",
+            "--ta", "max_grad_norm=0.5",
+            "--ta", "lr_scheduler_type=cosine",
+        ],
+    )
+    assert args.per_device_train_batch_size == 4 and args.gradient_accumulation_steps == 3
+    assert args.logging_steps == 7 and args.report_to == ["tensorboard"]
+    assert args.bf16 is False and args.max_grad_norm == 0.5 and args.lr_scheduler_type == "cosine"
+    # untouched fields keep the recipe's settings (the default model is the embedded SmolLM2: its recipe)
+    from seal_peft.training import RECIPES
+
+    assert args.learning_rate == RECIPES["smollm2"]["head"].learning_rate and args.save_strategy == "no"
+
+
+def test_train_training_argument_lists():
+    from seal_peft.cli.train import parse_training_arg
+
+    assert parse_training_arg("report_to=tensorboard,wandb") == ("report_to", ["tensorboard", "wandb"])
+    assert parse_training_arg("report_to=none") == ("report_to", "none")
+    assert parse_training_arg("label_names=labels,extra") == ("label_names", ["labels", "extra"])
+    assert parse_training_arg("max_steps=-1") == ("max_steps", -1)
+
+
+BAD_TRAINING_ARGS = [
+    ("per_device_train_batch_sise=4", "'per_device_train_batch_sise' is not a TrainingArguments field"),
+    ("per_device_train_batch_size", "expected FIELD=VALUE"),
+    ("per_device_train_batch_size=four", "per_device_train_batch_size"),
+    ("bf16=maybe", "bf16"),
+    ("lr_scheduler_type=sometimes", "lr_scheduler_type"),
+    ("learning_rate=1e-3", "use --lr"),
+    ("output_dir=x", "use --out"),
+]
+
+
+@pytest.mark.parametrize("value,message", BAD_TRAINING_ARGS, ids=[v for v, _ in BAD_TRAINING_ARGS])
+def test_train_bad_training_argument_is_a_one_line_usage_error(value, message, capsys, monkeypatch):
+    from seal_peft import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--out", "x", "--ta", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --ta/--training-arg" in err and message in err and "Traceback" not in err, err
+    if "not a TrainingArguments field" in message:
+        assert "per_device_train_batch_size" in err and "--list-training-args" in err, err
+
+
+def test_train_lists_the_training_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--list-training-args"])  # no --out needed
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "per_device_train_batch_size" in out and "report_to" in out and "int" in out
+    assert "learning_rate" not in out.split("set by train options")[0]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
+import inspect
 import os
 import time
+from typing import Any
 
 from ..models import resolve_dtype
 from ..training import train_variant
@@ -25,6 +29,93 @@ from ._common import (
     _recipe_arg,
     _recipe_name,
 )
+
+#: TrainingArguments fields that a ``seal-peft train`` option already sets: ``--ta`` names the option to use.
+OWNED_FIELDS = {
+    "output_dir": "--out",
+    "learning_rate": "--lr",
+    "num_train_epochs": "--epochs",
+    "seed": "--seed",
+    "data_seed": "--seed",
+    "gradient_checkpointing": "--gradient-checkpointing",
+    "activation_checkpointing": "--gradient-checkpointing",
+    "use_cpu": "--device cpu",
+    "disable_tqdm": "--quiet",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _training_args_actions() -> dict[str, Any]:
+    """transformers' own parser of ``TrainingArguments`` (``HfArgumentParser``): its action per field gives
+    the conversion (``string_to_bool``, enum choices, numbers) the Trainer's scripts use."""
+    import dataclasses
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    # the declared annotations (HfArgumentParser rewrites ``field.type`` in place, e.g. report_to -> str)
+    annotations = inspect.get_annotations(TrainingArguments)
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    parser = HfArgumentParser(TrainingArguments)
+    return {
+        a.dest: (a, fields[a.dest], str(annotations.get(a.dest, ""))) for a in parser._actions if a.dest in fields
+    }
+
+
+def parse_training_arg(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` -> ``(field, value)`` for a ``TrainingArguments`` field, converted as transformers'
+    ``HfArgumentParser`` converts it; ``a,b`` is a list for list fields (``report_to``, ``label_names``)."""
+    name, sep, raw = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected FIELD=VALUE, e.g. --ta per_device_train_batch_size=4 "
+            "(list the fields with seal-peft train --list-training-args)"
+        )
+    if name in OWNED_FIELDS:
+        raise argparse.ArgumentTypeError(f"{name} is set by a train option: use {OWNED_FIELDS[name]}")
+    actions = _training_args_actions()
+    if name not in actions:
+        close = difflib.get_close_matches(name, list(actions), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is not a TrainingArguments field{hint}; list them with seal-peft train --list-training-args"
+        )
+    action, _, annotation = actions[name]
+    convert = action.type or str
+    takes_list = action.nargs in ("+", "*") or "list" in annotation
+    pieces = [p.strip() for p in raw.split(",")] if takes_list and "," in raw else [raw]
+    try:
+        values = [convert(p) for p in pieces]
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+        kind = getattr(action.type, "__name__", "value")
+        raise argparse.ArgumentTypeError(f"{name}={raw!r}: not a valid {kind} ({err})") from None
+    if action.choices is not None:
+        bad = [v for v in values if v not in action.choices]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}"
+            )
+    return name, values if len(pieces) > 1 or action.nargs in ("+", "*") else values[0]
+
+
+class _ListTrainingArgs(argparse.Action):
+    """``--list-training-args``: every field ``--ta`` accepts, its type and default, then exit (like --help)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        lines = ["TrainingArguments fields for --ta FIELD=VALUE (transformers' types and defaults):"]
+        for name, (action, field, _) in sorted(_training_args_actions().items()):
+            if name in OWNED_FIELDS:
+                continue
+            kind = "bool" if action.nargs == "?" and action.const is True else getattr(action.type, "__name__", "str")
+            if action.choices is not None:
+                kind = "{" + ",".join(map(str, action.choices)) + "}"
+            lines.append(f"  {name}: {kind} = {field.default!r}")
+        lines.append("set by train options: " + ", ".join(f"{k} ({v})" for k, v in OWNED_FIELDS.items()))
+        print("\n".join(lines))
+        parser.exit(0)
 
 
 def cmd_train(args) -> int:
@@ -50,6 +141,7 @@ def cmd_train(args) -> int:
         lm_every=args.lm_every,
         lm_length=args.lm_length,
         recipe=recipe,
+        **dict(args.training_args or []),
     )
     from ..extension import record_extension
 
@@ -100,6 +192,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     _extend_arg(t, "; recorded in the adapter")
     t.add_argument("--out", required=True, help="adapter output folder")
+    t.add_argument(
+        "--ta",
+        "--training-arg",
+        dest="training_args",
+        action="append",
+        type=parse_training_arg,
+        metavar="FIELD=VALUE",
+        help="any other transformers TrainingArguments field, repeatable: e.g. --ta per_device_train_batch_size=4 "
+        "--ta gradient_accumulation_steps=8 --ta logging_steps=10 --ta report_to=tensorboard "
+        "(a,b for lists; docs/cli.md)",
+    )
+    t.add_argument(
+        "--list-training-args", action=_ListTrainingArgs, help="list the fields --ta accepts, with types, and exit"
+    )
     t.set_defaults(func=cmd_train)
 
     return t
