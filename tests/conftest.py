@@ -1,8 +1,10 @@
-"""Tiny randomly initialised models for the fast test tier (seconds each)."""
+"""Shared fixtures of the fast test tier: tiny randomly initialised models (seconds each) and a
+character-level tokenizer."""
 
 from __future__ import annotations
 
 import os
+import string
 
 import pytest
 import torch
@@ -80,3 +82,28 @@ ALL_ARCHS = CORE_ARCHS + ["mixtral", "qwen3", "gemma", "gemma2", "phi3", "starco
 def inputs():
     g = torch.Generator().manual_seed(123)
     return torch.randint(0, VOCAB, (2, 12), generator=g)
+
+
+def make_char_tokenizer(bos: bool = True):
+    """A fast tokenizer with one token per printable character (BPE without merges), no chat template;
+    ``bos=True`` adds BOS with the post-processor, as Llama tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + list(string.printable[:95]) + ["\n"])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    """One token per character, BOS added by the post-processor, no chat template."""
+    return make_char_tokenizer()

@@ -6,26 +6,16 @@ seconds; the real commands run in tests/test_real_model.py.
 
 from __future__ import annotations
 
-import string
-
 import pytest
+from conftest import make_char_tokenizer
 
 from seal_peft import cli
 from seal_peft.data import load_essays, needle_haystack
 
 
 def char_tokenizer():
-    """One token per printable character; no chat template (use --prompt-format plain)."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + list(string.printable[:95]) + ["\n"])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    """One token per printable character; no chat template (use --prompt-format plain), no BOS."""
+    return make_char_tokenizer(bos=False)
 
 
 class _Stop(Exception):

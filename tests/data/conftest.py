@@ -1,10 +1,9 @@
-"""Fixtures for the data tests: the real SmolLM2 tokenizer (from the embedded model) and a
-character-level tokenizer without a chat template (adds BOS like Llama tokenizers)."""
+"""Fixtures for the data tests: the real SmolLM2 tokenizer (from the embedded model); the character-level
+tokenizer ``char_tokenizer`` is shared, in tests/conftest.py."""
 
 from __future__ import annotations
 
 import copy
-import string
 
 import pytest
 
@@ -25,21 +24,3 @@ def smol_tokenizer():
 def smol_copy(smol_tokenizer):
     """A deep copy that a test may modify (chat template, model_max_length)."""
     return copy.deepcopy(smol_tokenizer)
-
-
-@pytest.fixture(scope="session")
-def char_tokenizer():
-    """One token per character, BOS added by the post-processor, no chat template."""
-    from tokenizers import Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + list(string.printable[:95]) + ["\n"])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )

@@ -1,37 +1,13 @@
-"""Fixtures for the evaluation tests: a character tokenizer, a tiny random Llama, a scripted LM."""
+"""Fixtures for the evaluation tests: a tiny random Llama, a scripted LM (the character tokenizer
+``char_tokenizer`` is shared, in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import string
 from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-CHARS = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space, newline
-
-
-def make_char_tokenizer():
-    """A fast tokenizer with one token per character (BPE without merges) and BOS added."""
-    from tokenizers import Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
-@pytest.fixture(scope="session")
-def char_tokenizer():
-    return make_char_tokenizer()
 
 
 def make_tiny_llama(vocab_size: int, seed: int = 0):
