@@ -1,0 +1,64 @@
+"""Print the markdown tables of docs/results.md from the committed JSON records under ``results/``.
+
+    python benchmarks/results_table.py results/line_retrieval/test_base.json results/line_retrieval/test_seal-c.json
+
+One row per record: accuracy (correct/n) per protocol and length, essay and out-of-domain perplexity
+with their change against the first record (the base model), trainable parameters and training time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _name(record: dict) -> str:
+    args = record["args"]
+    if args.get("peer"):
+        return args["peer"]
+    if args.get("adapter"):
+        return f"adapter {args['adapter']}"
+    return {"none": "base", "head": "SEAL-H", "channel": "SEAL-C"}[args["granularity"]]
+
+
+def _cell(record: dict, fmt: str, length: str) -> str:
+    acc = record.get("accuracy", {}).get(fmt, {}).get(length)
+    n = record.get("n_per_length", {}).get(fmt, {}).get(length)
+    if acc is None or not n:
+        return "–"
+    return f"{acc:.3f} ({round(acc * n)}/{n})"
+
+
+def _change(value: float, base: float) -> str:
+    return f"{value:.2f} ({100 * (value / base - 1):+.1f} %)"
+
+
+def table(records: list[dict]) -> str:
+    formats = list(dict.fromkeys(f for r in records for f in r.get("accuracy", {})))
+    lengths = list(
+        dict.fromkeys(k for r in records for f in formats for k in r.get("accuracy", {}).get(f, {}))
+    )
+    head = ["variant", "trainable", "train s"]
+    head += [f"{f} {int(k) // 1024}K" if int(k) >= 1024 else f"{f} {k}" for f in formats for k in lengths]
+    head += ["essay ppl", "Python-docs ppl"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = records[0]
+    for r in records:
+        row = [_name(r), f"{r.get('trainable_parameters', 0):,}", str(r.get("train_seconds", "–"))]
+        row += [_cell(r, f, k) for f in formats for k in lengths]
+        row += [
+            _change(r["ppl"], base["ppl"]),
+            _change(r["ppl_ood"], base["ppl_ood"]) if "ppl_ood" in r else "–",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    recs = []
+    for path in sys.argv[1:]:
+        with open(path) as f:
+            recs.append(json.load(f))
+    print(table(recs))
