@@ -34,11 +34,12 @@ import torch
 from torch import nn
 
 from .tuner.layer import SealLayer
+from .tuner.peft_compat import WRAPPER_SEGMENTS
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
     """``module`` without FSDP1 / activation-checkpoint wrappers (their class is not the layer's)."""
-    for attr in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
+    for attr in WRAPPER_SEGMENTS:
         while hasattr(module, attr):
             module = getattr(module, attr)
     return module
@@ -135,7 +136,7 @@ def _seal_layers_by_owner(peft_model: nn.Module) -> list[tuple[nn.Module | None,
         if isinstance(module, SealLayer):
             groups.setdefault(id(owner), (owner, []))[1].append((prefix, module))
         for name, child in module.named_children():
-            part = "" if name in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module") else f"{name}."
+            part = "" if name in WRAPPER_SEGMENTS else f"{name}."
             walk(child, prefix + part, owner)
 
     walk(peft_model, "", None)
@@ -192,38 +193,22 @@ class _GatheredAdapter:
     """What :func:`seal_peft.save_adapter` writes through: PEFT's ``save_pretrained`` of the sharded
     ``PeftModel`` with the gathered scales, then a check that every scale reached the file.
 
-    PEFT picks the adapter's entries of ``state_dict`` by the names of the model's SEAL modules and
-    strips only a *leading* ``_fsdp_wrapped_module.`` from them (peft 0.21); FSDP1 units nested inside
-    the root (decoder layers, SEAL layers) put that segment in the middle of the names, and PEFT would
-    write an empty adapter without a word. For the duration of the call the model's
-    ``named_modules`` is given the names ``state_dict()`` uses (FSDP1 wrappers left out); FSDP2 and
-    DDP need nothing. The check runs before :func:`save_adapter` moves the folder into place, so a
-    failure leaves an existing adapter at the target untouched.
+    SEAL's tuner matches the scales by module names without FSDP1 / checkpoint-wrapper segments
+    (``PeftCompat._get_adapter_state_dict``; PEFT 0.21 alone wrote an empty adapter for nested FSDP1
+    units), so the sharded ``PeftModel`` saves like an unsharded one. The check that every gathered
+    scale reached the file runs before :func:`save_adapter` moves the folder into place, so a failure
+    leaves an existing adapter at the target untouched.
     """
 
     def __init__(self, peft_model: nn.Module, scales: dict[str, torch.Tensor], adapter_name: str) -> None:
         self.peft_model, self.scales, self.adapter_name = peft_model, scales, adapter_name
-
-    def _clean_named_modules(self, *args: Any, **kwargs: Any):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        for name, module in nn.Module.named_modules(self.peft_model, *args, **kwargs):
-            if not isinstance(module, FSDP):
-                yield name.replace("_fsdp_wrapped_module.", "").removesuffix("._fsdp_wrapped_module"), module
 
     def save_pretrained(self, directory: str, **kwargs: Any) -> None:
         from safetensors import safe_open
 
         from .loading import ADAPTER_WEIGHTS
 
-        model = self.peft_model
-        nested = any("_fsdp_wrapped_module" in name for name, _ in model.named_modules())
-        if nested:
-            model.__dict__["named_modules"] = self._clean_named_modules
-        try:
-            model.save_pretrained(directory, state_dict=self.scales, **kwargs)
-        finally:
-            model.__dict__.pop("named_modules", None)
+        self.peft_model.save_pretrained(directory, state_dict=self.scales, **kwargs)
         sub = directory if self.adapter_name == "default" else os.path.join(directory, self.adapter_name)
         with safe_open(os.path.join(sub, ADAPTER_WEIGHTS), framework="pt") as f:
             written = set(f.keys())

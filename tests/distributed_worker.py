@@ -1,7 +1,8 @@
 """Worker for tests/test_ecosystem_fsdp.py: 3 SEAL training steps on a tiny Llama, sharded or not.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py --mode fsdp2 --out DIR
-    (modes fsdp1, fsdp2; zero2 = DeepSpeed ZeRO-2, if deepspeed is importable)
+    (modes fsdp1, fsdp2; zero2 = DeepSpeed ZeRO-2, if deepspeed is importable; fsdp1_plain_save =
+    PEFT's own save_pretrained of an FSDP1 model, see run_plain_save)
     python tests/distributed_worker.py --mode single --out DIR        # or run_single() in-process
 
 Every mode trains SEAL-H and SEAL-C (AdamW, the recipe) and SEAL-H with SGD from the same base
@@ -268,6 +269,56 @@ def run_distributed(mode: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+#: (name, granularity, wrap policy, use_orig_params) of the plain-save runs: SEAL's FSDP1 setup, and the
+#: one the Trainer builds for FSDP1 (PEFT's policy, which needs use_orig_params=True for SEAL)
+PLAIN_SAVE_RUNS = (("seal-policy", "channel", "seal", False), ("peft-policy", "head", "peft", True))
+
+
+def run_plain_save(out: str) -> None:
+    """FSDP1 (nested units), then PEFT's own ``save_pretrained`` as accelerate / the Trainer call it.
+
+    Every rank gathers the FULL_STATE_DICT accelerate's ``get_state_dict`` builds for FSDP1
+    (``rank0_only=True``: the other ranks get an empty dict) and calls ``save_pretrained(...,
+    is_main_process=rank == 0)`` (accelerate's documented pattern; rank 0's call is the Trainer's).
+    Then the same with a SHARDED_STATE_DICT, which must be refused. Writes ``DIR/<run>/adapter``,
+    ``scales-rank<r>.pt`` (the trained scales, gathered) and ``plain-save-rank<r>.json``.
+    """
+    import torch.distributed as dist
+    from peft.utils.other import fsdp_auto_wrap_policy as peft_policy
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for name, granularity, policy, orig_params in PLAIN_SAVE_RUNS:
+        path = os.path.join(out, name)
+        os.makedirs(path, exist_ok=True)
+        model = peft_model(granularity)
+        wrap = (fsdp_auto_wrap_policy if policy == "seal" else peft_policy)(model)
+        model = FSDP(model, auto_wrap_policy=wrap, use_orig_params=orig_params, device_id=torch.device("cpu"))
+        nested = [n for n, _ in model.module.named_modules() if "._fsdp_wrapped_module." in n]
+        train(model, [p for p in model.parameters() if p.requires_grad], granularity, rank, world)
+        torch.save(full_adapter_state_dict(model), os.path.join(path, f"scales-rank{rank}.pt"))
+        # accelerate also sets offload_to_cpu=True; on CPU that "offload" aliases the unsharded flat parameter
+        # and FSDP then frees its storage ("setStorage ... out of bounds"), so it is left off here
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+            state = model.state_dict()
+        main = rank == 0
+        model.module.save_pretrained(os.path.join(path, "adapter"), state_dict=state, is_main_process=main)
+        with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+            sharded = model.state_dict()
+        try:
+            model.module.save_pretrained(os.path.join(path, "sharded"), state_dict=sharded, is_main_process=main)
+            error = None
+        except ValueError as err:
+            error = str(err)
+        with open(os.path.join(path, f"plain-save-rank{rank}.json"), "w") as f:
+            json.dump({"nested_names": len(nested), "full_state_keys": len(state), "sharded_error": error}, f)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def run_single(out: str) -> None:
     for name, granularity, optimizer in RUNS:
         model = peft_model(granularity)
@@ -312,7 +363,7 @@ def single_in_process(out) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", required=True, choices=["single", "fsdp1", "fsdp2", "zero2"])
+    p.add_argument("--mode", required=True, choices=["single", "fsdp1", "fsdp2", "zero2", "fsdp1_plain_save"])
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -320,6 +371,8 @@ def main() -> None:
         os.makedirs(os.path.join(args.out, name), exist_ok=True)
     if args.mode == "single":
         run_single(args.out)
+    elif args.mode == "fsdp1_plain_save":
+        run_plain_save(args.out)
     else:
         run_distributed(args.mode, args.out)
 

@@ -119,3 +119,85 @@ def test_save_guard_refuses_an_incomplete_adapter_and_keeps_the_old_one(tmp_path
     with pytest.raises(RuntimeError, match="PEFT wrote 2 of the 3 gathered SEAL scales"):
         save_adapter(_GatheredAdapter(model, scales, "default"), target, selected_adapters=["default"])
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+# ---------------------------------------------------------------- save_pretrained with wrapper names in the middle
+# FSDP1 units nested in the root and activation-checkpoint wrappers put "_fsdp_wrapped_module." /
+# "_checkpoint_wrapped_module." inside the module names, while the state dicts they produce have none.
+# PEFT 0.21 strips only a leading "_fsdp_wrapped_module.", so plain save_pretrained wrote an empty adapter.
+
+
+class _FakeFSDP(nn.Module):
+    """A wrapper that names its child like FSDP1 does (FSDP itself needs a process group)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._fsdp_wrapped_module = module
+
+    def forward(self, *args, **kwargs):
+        return self._fsdp_wrapped_module(*args, **kwargs)
+
+
+def _wrap(model, wrapper, o_proj: bool = True):
+    """``wrapper`` around every decoder layer and (``o_proj``) every SEAL layer inside it."""
+    layers = model.base_model.model.model.layers
+    for i in range(len(layers)):
+        if o_proj:
+            attn = layers[i].self_attn
+            attn.o_proj = wrapper(attn.o_proj)
+        layers[i] = wrapper(layers[i])
+    return model
+
+
+def _trained_scales(model) -> dict[str, torch.Tensor]:
+    return {
+        n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""): p.detach().clone()
+        for n, p in model.named_parameters()
+        if "seal_scale" in n
+    }
+
+
+@pytest.mark.parametrize("granularity", ["head", "channel"])
+def test_get_peft_model_state_dict_finds_scales_under_fsdp_names_anywhere(granularity):
+    from peft import get_peft_model_state_dict
+
+    model = _seal(granularity, init_weights=False)
+    clean = model.state_dict()  # what FSDP1's FULL_STATE_DICT gives: no wrapper segment in any key
+    expected = get_peft_model_state_dict(model)
+    _wrap(model, _FakeFSDP)
+    assert any("._fsdp_wrapped_module._fsdp_wrapped_module." not in n and "._fsdp_wrapped_module." in n
+               for n, _ in model.named_modules())  # fmt: skip
+    got = get_peft_model_state_dict(model, state_dict=clean)
+    assert got.keys() == expected.keys() and len(got) == 2
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_save_pretrained_with_activation_checkpoint_wrappers_round_trips(tmp_path):
+    """Real torch wrappers in one process: their state dict strips '_checkpoint_wrapped_module.'."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = _wrap(_seal("channel", init_weights=False), checkpoint_wrapper)
+    assert any("._checkpoint_wrapped_module." in n for n, _ in model.named_modules())
+    trained = _trained_scales(model)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build_model(), tmp_path)
+    got = {n: p.detach() for n, p in loaded.named_parameters() if "seal_scale" in n}
+    assert got.keys() == trained.keys() and len(got) == 2
+    assert all(torch.equal(got[k], trained[k]) for k in got)
+
+
+@pytest.mark.parametrize("what", ["no scales", "one scale missing", "a shard of a scale"])
+def test_save_pretrained_refuses_a_state_dict_without_all_scales(tmp_path, what):
+    model = _seal()
+    state = model.state_dict()
+    keys = sorted(k for k in state if "seal_scale" in k)
+    if what == "no scales":
+        state = {k: v for k, v in state.items() if k not in keys}
+    elif what == "one scale missing":
+        del state[keys[1]]
+    else:
+        state[keys[0]] = state[keys[0]][:2]  # what a rank holds of a sharded scale
+    with pytest.raises(ValueError, match="seal_peft.distributed.save_sharded_adapter") as err:
+        model.save_pretrained(tmp_path, state_dict=state)
+    assert "layers.1" in str(err.value) if what == "one scale missing" else "layers.0" in str(err.value)
+    assert not (tmp_path / "adapter_model.safetensors").exists()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_worker import RUNS, build_model, launch, single_in_process
+from distributed_worker import PLAIN_SAVE_RUNS, RUNS, build_model, launch, single_in_process
 from peft import PeftModel
 
 
@@ -117,3 +117,30 @@ def test_fsdp2_shards_the_scales_with_their_decoder_layer(runs):
             assert scales[0]["requires_grad"] and scales[0]["dtensor"]
             assert (scales[0]["full_numel"], scales[0]["local_numel"]) == (n_scales, n_scales // 2)
             assert not any(p["requires_grad"] for p in unit["params"] if "seal_scale" not in p["name"])
+
+
+@pytest.mark.timeout(300)
+def test_fsdp1_plain_save_pretrained_writes_the_trained_scales(tmp_path):
+    """PEFT's own save_pretrained of an FSDP1 model with nested units (SEAL's policy, and PEFT's policy
+    with use_orig_params=True as the Trainer builds it), fed the FULL_STATE_DICT accelerate gathers.
+
+    PEFT 0.21 matched the scales by module names that carry '_fsdp_wrapped_module.' in the middle, and
+    wrote an empty adapter without an error. A SHARDED_STATE_DICT must be refused, naming the way out.
+    """
+    out = launch("fsdp1_plain_save", tmp_path)
+    for run, granularity, _, _ in PLAIN_SAVE_RUNS:
+        records = [json.loads((out / run / f"plain-save-rank{r}.json").read_text()) for r in (0, 1)]
+        assert records[0]["nested_names"] > 0  # the case PEFT's leading-prefix strip misses
+        # rank0_only: the other rank got an empty state dict, saved nothing, and did not fail
+        assert records[1]["full_state_keys"] == 0
+        trained = torch.load(out / run / "scales-rank0.pt")
+        assert len(trained) == 2 and all((v - 1).abs().max() > 5e-3 for v in trained.values())
+        loaded = PeftModel.from_pretrained(build_model(), out / run / "adapter")
+        assert loaded.peft_config["default"].granularity == granularity
+        got = {n: p.detach() for n, p in loaded.named_parameters() if "seal_scale" in n}
+        assert got.keys() == trained.keys()
+        for key in got:
+            assert torch.equal(got[key], trained[key]), key
+        for record in records:
+            assert "seal_peft.distributed.save_sharded_adapter" in (record["sharded_error"] or ""), record
+        assert not (out / run / "sharded" / "adapter_model.safetensors").exists()

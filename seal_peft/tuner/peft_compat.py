@@ -8,7 +8,7 @@ against other releases, so on an upgrade run ``tests/tuner/`` and drop any overr
 Private PEFT APIs SEAL relies on (names as in PEFT 0.21), here and in ``model.py`` / ``layer.py``:
 ``BaseTuner._check_merge_allowed``, ``._unload_and_optionally_merge``, ``._enable_adapter_layers``,
 ``._replace_module``, ``._prepare_adapter_config``, ``._create_and_replace``,
-``._remap_adapter_state_dict_for_load``, ``._enable_peft_forward_hooks``,
+``._remap_adapter_state_dict_for_load``, ``._get_adapter_state_dict``, ``._enable_peft_forward_hooks``,
 ``peft.utils.other.AuxiliaryTrainingWrapper`` and ``peft.tuners.tuners_utils.check_adapters_to_merge``.
 
 Workarounds outside the tuner (they concern loading, not the method): ``seal_peft.loading`` restores a
@@ -21,9 +21,34 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .layer import SealLayer
+
+#: Module-name segments of torch's wrappers (FSDP1 units, activation-checkpoint wrappers). They appear in
+#: ``named_modules()`` wherever a wrapper sits, but never in the state dicts those wrappers produce.
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def without_wrappers(name: str) -> str:
+    """``name`` with every wrapper segment removed, as the wrappers' state dicts spell it."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+
+
+class _WrapperFreeNames:
+    """The model as ``BaseTuner._get_adapter_state_dict`` sees it: ``named_modules()`` without wrapper
+    segments (PEFT 0.21 reads nothing else of the model there)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    def named_modules(self, *args: Any, **kwargs: Any):
+        for name, module in self._model.named_modules(*args, **kwargs):
+            yield without_wrappers(name), module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
 
 class PeftCompat(BaseTuner):
@@ -101,6 +126,82 @@ class PeftCompat(BaseTuner):
                 f"save other adapters' weights incompletely. Choose another adapter name (e.g. 'seal_{adapter_name}')."
             )
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    # ------------------------------------------------------------------ saving
+    # PEFT (0.21): get_peft_model_state_dict (save_pretrained) picks the adapter's entries of the state dict by
+    # the names of the model's tuner modules (BaseTuner._get_adapter_state_dict) and strips only a *leading*
+    # "_fsdp_wrapped_module." from them. FSDP1 units nested in the root (every decoder layer, with SEAL's policy
+    # and with PEFT's, which the Trainer installs) and activation-checkpoint wrappers put wrapper segments in the
+    # middle of the names, while their state dicts (FULL_STATE_DICT included) have none: no name matched and PEFT
+    # wrote an adapter without a single scale, without a word. SEAL matches by names without any wrapper
+    # segment, and refuses to hand PEFT a selection that lacks the full scale of any SEAL layer of the adapter
+    # (a state dict without them, or with shards of them), so save_pretrained can never write such an adapter.
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: Any,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        given_empty = not state_dict
+        state_dict = {without_wrappers(k): v for k, v in state_dict.items()}
+        view = _WrapperFreeNames(model)
+        selected = super()._get_adapter_state_dict(
+            model=view,
+            config=config,
+            adapter_name=adapter_name,
+            state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if given_empty and distributed and torch.distributed.get_rank() != 0:
+            # FSDP1's FULL_STATE_DICT with rank0_only=True (accelerate's get_state_dict) and DeepSpeed's
+            # consolidated state dict are empty on the other ranks by design; those ranks write nothing
+            # (save_pretrained(is_main_process=False)), so there is nothing to refuse.
+            return selected
+        cls._check_full_scales(view, adapter_name, selected)
+        return selected
+
+    @staticmethod
+    def _check_full_scales(
+        view: _WrapperFreeNames, adapter_name: str, selected: dict[str, torch.Tensor]
+    ) -> None:
+        problems: list[str] = []
+        layers = 0
+        aux: list[str] = []
+        for name, module in view.named_modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                aux.append(name)  # its copies are saved by PEFT's modules_to_save path, as in BaseTuner
+            if not isinstance(module, SealLayer) or adapter_name not in module.seal_scale:
+                continue
+            if any(name == a or name.startswith(f"{a}.") for a in aux):
+                continue
+            layers += 1
+            key = f"{name}.seal_scale.{adapter_name}" if name else f"seal_scale.{adapter_name}"
+            needed = (module.in_features // module.seal_group[adapter_name],)
+            value = selected.get(key)
+            if value is None:
+                problems.append(f"no scales for {key!r}")
+            elif type(value) not in (torch.Tensor, nn.Parameter):
+                problems.append(f"a {type(value).__name__} (a shard, not the full scales) for {key!r}")
+            elif tuple(value.shape) != needed:
+                problems.append(f"{tuple(value.shape)} scales for {key!r}, which needs {needed}")
+        if not layers and not aux:
+            raise ValueError(
+                f"Refusing to save SEAL adapter {adapter_name!r}: the model has no SEAL layer holding it, so the "
+                f"adapter would hold no scales. Save an adapter the model was built with (model.peft_config keys)."
+            )
+        if problems:
+            raise ValueError(
+                f"Refusing to save SEAL adapter {adapter_name!r}: the state dict handed to save_pretrained / "
+                f"get_peft_model_state_dict holds {problems[0]} ({len(problems)} of the {layers} SEAL layer(s) "
+                f"lack their full scales); the adapter would be incomplete. This happens with a sharded model "
+                f"(FSDP, DeepSpeed ZeRO-3): save it with seal_peft.distributed.save_sharded_adapter(model, path) "
+                f"called on every rank, or pass a full state dict (FSDP1: StateDictType.FULL_STATE_DICT; "
+                f"DeepSpeed ZeRO-3: stage3_gather_16bit_weights_on_model_save / zero3_save_16bit_model: true)."
+            )
 
     # ------------------------------------------------------------------ loading
     # PEFT (0.21): set_peft_model_state_dict raises a bare size-mismatch error for scales of another shape,
