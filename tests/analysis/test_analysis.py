@@ -35,7 +35,7 @@ from seal_peft.analysis import (
 )
 from seal_peft.tuner.layer import SealLayer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 HEAD_DIM = 8
 O_PROJ = {"llama": "model.layers.{}.self_attn.o_proj", "gpt2": "transformer.h.{}.attn.c_proj"}

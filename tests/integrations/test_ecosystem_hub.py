@@ -25,7 +25,7 @@ from seal_peft.integrations.hub import model_card
 
 REPO = "acme/seal-tiny"
 BASE_ID = "acme/tiny-llama"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 class FakeHub:
@@ -341,7 +341,7 @@ torch.save(res, out)
 def _check_offline_load(tmp_path: Path, files: dict[str, bytes], model) -> None:
     home = tmp_path / "hf_home"
     _hub_cache(home, REPO, files)
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     env = dict(os.environ, HF_HOME=str(home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     env.pop("HF_HUB_CACHE", None)
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])

@@ -128,7 +128,7 @@ def test_lm_eval_command_line_through_seal_peft(tmp_path):
     base = tiny_checkpoint(tmp_path / "base")
     get_peft_model(AutoModelForCausalLM.from_pretrained(base), seal_peft.SealConfig()).save_pretrained(tmp_path / "a")
     tasks = write_tasks(tmp_path / "tasks")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the repository
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "seal_peft.lmeval", "run", "--model", "hf",

@@ -19,7 +19,7 @@ from seal_peft import SealConfig, SealModel, ensure_registered
 from seal_peft.tuner.registration import add_enum_member
 
 REGISTRATION = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "seal_peft", "tuner", "registration.py"
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "seal_peft", "tuner", "registration.py"
 )
 
 
