@@ -45,7 +45,10 @@ parser.add_argument(
 )
 parser.add_argument("--train-samples", type=int, default=50)
 parser.add_argument("--length", type=int, default=1024, help="training sample length in tokens")
-parser.add_argument("--prompt-format", default="chat_prefill", help="'plain' for base models without a chat template")
+parser.add_argument(
+    "--prompt-format", default="longeval",
+    help="LongEval's protocol (default), chat_prefill, or 'plain' for base models without a chat template",
+)
 parser.add_argument("--batch-size", type=int, default=1, help="per device (per process)")
 parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
 parser.add_argument("--gradient-checkpointing", action="store_true", help="for long sequences")
@@ -62,12 +65,13 @@ model = get_peft_model(model, seal_peft.SealConfig(granularity=args.granularity)
 recipe = RECIPES[args.recipe or recipe_for_model(args.model)][args.granularity]
 
 # ~50 samples whose format matches the task and whose content is random (the paper's recipe)
-train = line_retrieval(
+retrieval = line_retrieval(
     tokenizer, num_samples=args.train_samples, length=args.length, prompt_format=args.prompt_format,
     seed=args.seed, progress=False,
 )
+train = retrieval
 if recipe.lm_every:  # plain essay text mixed in, so the model stays a good language model
-    train = add_lm_samples(train, tokenizer, every=recipe.lm_every, length=recipe.lm_length, seed=args.seed)
+    train = add_lm_samples(retrieval, tokenizer, every=recipe.lm_every, length=recipe.lm_length, seed=args.seed)
 
 trainer = Trainer(
     model=model,
@@ -106,10 +110,10 @@ if args.eval_samples > 0:
         length=lengths,
         prompt_format=args.prompt_format,
         seed=1000,
-        exclude=train,
+        exclude=retrieval,  # no key or value of the training data (the LM windows have none)
     )
     result = evaluate_retrieval(
-        model.eval(), tokenizer, evals, max_new_tokens=32, length_bins=lengths, name="SEAL"
+        model.eval(), tokenizer, evals, length_bins=lengths, name="SEAL"
     )
     print(result.table())
 

@@ -450,6 +450,12 @@ def _retrieval_rows(ds: Any) -> tuple[set[str], set[str]]:
         rows = list(ds)
     keys, answers = set(), set()
     for row in rows:
+        if "key" not in row or "answer" not in row:
+            raise ValueError(
+                "exclude= got records without 'key'/'answer' columns (e.g. a dataset mixed with "
+                "add_lm_samples / mix_lm_samples, which keep only the token columns), so nothing could be "
+                "excluded; pass the retrieval dataset from before the mixing."
+            )
         if row.get("task", "line_retrieval") in RETRIEVAL_TASKS:
             keys.add(str(row["key"]))
             answers.add(str(row["answer"]))

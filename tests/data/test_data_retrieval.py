@@ -178,6 +178,17 @@ def test_exclude_makes_sets_disjoint(smol_tokenizer):
     check_disjoint(train, same_seed)
 
 
+def test_exclude_refuses_a_mixed_dataset_without_keys(smol_tokenizer):
+    # a dataset mixed with LM windows keeps only token columns: excluding it would silently exclude nothing
+    from seal_peft.training import mix_lm_samples
+
+    train = line_retrieval(smol_tokenizer, num_samples=2, length=300, seed=5, progress=False)
+    lm = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [1, 2, 3]}]
+    mixed = mix_lm_samples(train, lm, every=1)
+    with pytest.raises(ValueError, match="before the mixing"):
+        line_retrieval(smol_tokenizer, num_samples=2, length=300, seed=5, progress=False, exclude=mixed)
+
+
 def test_word_lists():
     adjectives, nouns = load_words()
     assert len(set(adjectives)) == len(adjectives) >= 100
