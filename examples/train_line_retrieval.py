@@ -112,15 +112,13 @@ if args.eval_samples > 0:
         seed=1000,
         exclude=retrieval,  # no key or value of the training data (the LM windows have none)
     )
-    result = evaluate_retrieval(
-        model.eval(), tokenizer, evals, length_bins=lengths, name="SEAL"
-    )
+    result = evaluate_retrieval(model.eval(), tokenizer, evals, length_bins=lengths, name="SEAL")
     print(result.table())
 
 if not args.no_merge:
     # fold the scales into o_proj: a plain transformers model with no extra cost at inference
     # the Trainer moved the model to the GPU if there is one: the inputs go where the model is
-    ids = torch.tensor([train[0]["input_ids"][: train[0]["prompt_length"]]], device=input_device(model))
+    ids = torch.tensor([retrieval[0]["input_ids"][: retrieval[0]["prompt_length"]]], device=input_device(model))
     model.eval()
     with torch.no_grad():
         before = model(input_ids=ids).logits
