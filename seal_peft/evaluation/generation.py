@@ -354,7 +354,7 @@ def generate_answers(
     def decode(tokens: Sequence[int]) -> str:
         return tokenizer.decode(list(tokens), skip_special_tokens=True)
 
-    caps = [max_new_tokens or default_max_new_tokens(r) for r in records]
+    caps = [default_max_new_tokens(r) if max_new_tokens is None else max_new_tokens for r in records]
 
     def stop(i: int, toks: list[int]) -> bool:
         return len(toks) >= caps[i] or (rule is not None and rule(records[i], decode(toks)))

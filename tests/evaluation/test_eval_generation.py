@@ -77,6 +77,8 @@ def test_longeval_records_run_to_eos_under_their_own_cap(scripted, make_record, 
     out = generate_answers(model, char_tokenizer, [longeval, prefill], progress=False, stop_rule=None)
     assert len(char_tokenizer(out[0], add_special_tokens=False)["input_ids"]) == 100
     assert len(char_tokenizer(out[1], add_special_tokens=False)["input_ids"]) == 24
+    with pytest.raises(ValueError, match="max_new_tokens"):  # 0 is an error, not "use the default"
+        generate_answers(model, char_tokenizer, [longeval], max_new_tokens=0, progress=False)
 
 
 def test_text_answer_runs_to_eos_and_custom_rule(scripted, make_record, char_tokenizer):
