@@ -11,7 +11,7 @@ from torch import nn
 from ..tuner.utils import get_base_model, text_config
 from ._common import _ORIGINAL, _normalise, extension_of
 from .rope import _apply_rope, _rebuild_rotary
-from .self_extend import _apply_self_extend, _attention_modules, self_extend_states
+from .self_extend import _apply_self_extend, _attention_modules, _detach_self_extend, self_extend_states
 
 
 def extend_context(model: nn.Module, method: str, factor: float = 2.0, **opts: Any) -> nn.Module:
@@ -80,8 +80,7 @@ def remove_extension(model: nn.Module) -> nn.Module:
     if config._attn_implementation != original["attn_implementation"]:
         base_model.set_attn_implementation(original["attn_implementation"])
     for module in _attention_modules(base_model):
-        if getattr(module, "_seal_self_extend", None) is not None:
-            del module._seal_self_extend
+        _detach_self_extend(module)
     if original["rope_parameters"] is not None:
         _rebuild_rotary(base_model, config)
     del config.seal_extension

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,18 +19,34 @@ from ._common import _SELF_EXTEND_NAMES
 class SelfExtendState:
     """Self-Extend settings of one attention module (a plain attribute, not part of the state dict).
 
+    ``impl`` chooses the attention core beyond the window: ``"fused"`` (default) runs a neighbour pass
+    and a grouped pass through PyTorch's fused CPU flash-attention kernel and merges them by their
+    log-sum-exp, with memory linear in the length; ``"reference"`` is the original eager formulation
+    (grouped and exact scores for a block of queries, merged by distance, one softmax). ``"fused"`` uses
+    the reference where the fused kernel does not apply (not on CPU, gradients or dropout needed, position
+    ids that are not the cache index minus a per-row offset); ``path_counts`` counts which core ran.
+
     ``record_positions=True`` makes every long forward store in ``stats`` the largest relative distance
     used by the neighbour scores, the largest grouped relative distance and the largest grouped query
-    position (for tests and diagnostics; costs a device sync).
+    position (for tests and diagnostics; costs a device sync and O(queries x keys) memory).
     """
 
     group: int
     window: int
     base: str  # the attention implementation that short inputs are delegated to: "sdpa" or "eager"
     rotary: Any = field(repr=False)  # the model's rotary-embedding module (for inv_freq)
-    block_size: int | None = None  # queries per block of the long path; None = by memory (~64 MiB of scores)
+    block_size: int | None = None  # queries per block of the blocked paths; None = by memory
     record_positions: bool = False
     stats: dict[str, int] = field(default_factory=dict)
+    impl: str = "fused"  # "fused" or "reference"
+    path_counts: dict[str, int] = field(default_factory=dict, repr=False)
+    # grouped keys of the previous decode step (see _GroupedKeyCache); never saved
+    grouped_cache: Any = field(default_factory=lambda: _GroupedKeyCache(), repr=False, compare=False)
+
+
+_IMPLS = ("fused", "reference")
+_HOOK = "_seal_self_extend_hook"  # attribute holding the forward pre-hook handle (KV-cache layer capture)
+
 
 def _rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` (batch, heads, n, dim) by ``delta`` (batch, n) extra RoPE positions (rotate-half layout).
@@ -44,12 +61,18 @@ def _rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> tor
     rotated_half = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
     return (xf * emb.cos() + rotated_half * emb.sin()).to(x.dtype)
 
+
 def _base_attention(state: SelfExtendState, module: nn.Module):
     if state.base == "sdpa":
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward
     return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _count(state: SelfExtendState, path: str) -> None:
+    state.path_counts[path] = state.path_counts.get(path, 0) + 1
+
 
 def _self_extend_attention(
     module: nn.Module,
@@ -65,9 +88,8 @@ def _self_extend_attention(
 
     ``query``/``key`` arrive rotated for their exact positions (keys: index in the cache). Up to
     ``window`` keys every distance is a neighbour distance, so the call is delegated unchanged to the
-    model's original implementation (bit-identical outputs). Beyond, queries are processed in blocks:
-    grouped scores for all keys, exact scores for the keys near the block, merged by distance, masked,
-    one softmax.
+    model's original implementation (bit-identical outputs). Beyond, the fused core (or the reference,
+    ``SelfExtendState.impl``) computes Self-Extend attention.
     """
     state: SelfExtendState | None = getattr(module, "_seal_self_extend", None)
     if state is None:
@@ -75,18 +97,20 @@ def _self_extend_attention(
             f"{type(module).__name__} runs with the Self-Extend attention implementation but has no Self-Extend "
             f"settings; apply it with seal_peft.extension.extend_context(model, 'self_extend', ...)."
         )
+    if state.impl not in _IMPLS:
+        raise ValueError(
+            f"SelfExtendState.impl={state.impl!r} is not a Self-Extend implementation; use one of {_IMPLS} "
+            f"('fused' is the default, 'reference' the original eager formulation)."
+        )
     kv_len = key.shape[2]
     if kv_len <= state.window:
+        _count(state, "base")
         return _base_attention(state, module)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     batch, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    rep = heads // kv_heads
     scaling = dim**-0.5 if scaling is None else scaling
     device = query.device
-    group, window = state.group, state.window
-    shift = window - window // group
 
     # positions: queries from position_ids (left padding shifts them), keys = index - that row's offset
     index_q = torch.arange(kv_len - q_len, kv_len, device=device)
@@ -97,26 +121,56 @@ def _self_extend_attention(
         pos_q = index_q.expand(batch, q_len)
     offset = (kv_len - 1) - pos_q[:, -1:]  # (batch, 1)
     pos_k = torch.arange(kv_len, device=device)[None, :] - offset  # (batch, kv)
+    if state.record_positions:
+        _record_positions(state, pos_q, pos_k)
+
+    core = _reference_core
+    if state.impl == "fused" and _fused_applies(query, key, value, attention_mask, dropout, module):
+        if _positions_are_offsets(pos_q, index_q, offset, attention_mask):
+            core = _fused_core
+    _count(state, "fused" if core is _fused_core else "reference")
+    out = core(state, query, key, value, attention_mask, scaling, dropout, module, index_q, pos_q, pos_k)
+    if isinstance(state.grouped_cache, _GroupedKeyCache):
+        state.grouped_cache.current = None
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _record_positions(state: SelfExtendState, pos_q: torch.Tensor, pos_k: torch.Tensor) -> None:
+    group, window = state.group, state.window
+    group_k = torch.div(pos_k, group, rounding_mode="floor")
+    group_q = torch.div(pos_q, group, rounding_mode="floor") + (window - window // group)
+    dist = pos_q[:, :, None] - pos_k[:, None, :]
+    used = dist >= 0
+    near = used & (dist < window)
+    far = used & ~near
+    gdist = group_q[:, :, None] - group_k[:, None, :]
+    stats = {
+        "max_neighbour_distance": int(dist[near].max()) if near.any() else 0,
+        "max_group_distance": int(gdist[far].max()) if far.any() else 0,
+        "max_group_position": int(group_q.max()),
+    }
+    for k, v in stats.items():
+        state.stats[k] = max(state.stats.get(k, 0), v)
+
+
+def _reference_core(
+    state, query, key, value, attention_mask, scaling, dropout, module, index_q, pos_q, pos_k
+):
+    """The original formulation: for a block of queries, grouped scores for all keys (re-rotated queries
+    and keys), exact scores for the keys within ``window`` of the block, merged by distance, masked,
+    one fp32 softmax. Memory O(heads x block x keys) per block; kept as the reference of the fused core."""
+    batch, heads, q_len, dim = query.shape
+    kv_len, kv_heads = key.shape[2], key.shape[1]
+    rep = heads // kv_heads
+    device = query.device
+    group, window = state.group, state.window
+    shift = window - window // group
     group_k = torch.div(pos_k, group, rounding_mode="floor")
     group_q = torch.div(pos_q, group, rounding_mode="floor") + shift
 
     inv_freq = state.rotary.inv_freq
     key_grouped = _rotate(key, group_k - pos_k, inv_freq)
     query_grouped = _rotate(query, group_q - pos_q, inv_freq)
-
-    if state.record_positions:
-        dist = pos_q[:, :, None] - pos_k[:, None, :]
-        used = dist >= 0
-        near = used & (dist < window)
-        far = used & ~near
-        gdist = group_q[:, :, None] - group_k[:, None, :]
-        stats = {
-            "max_neighbour_distance": int(dist[near].max()) if near.any() else 0,
-            "max_group_distance": int(gdist[far].max()) if far.any() else 0,
-            "max_group_position": int(group_q.max()),
-        }
-        for k, v in stats.items():
-            state.stats[k] = max(state.stats.get(k, 0), v)
 
     block = state.block_size or max(1, (1 << 24) // max(1, heads * kv_len))
     outputs = []
@@ -152,8 +206,316 @@ def _self_extend_attention(
             probs = nn.functional.dropout(probs, p=dropout, training=True)
         pv = torch.matmul(probs.view(batch, kv_heads, rep * n, kend), value[:, :, :kend])
         outputs.append(pv.view(batch, heads, n, -1))
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+# ------------------------------------------------------------------------------------------ fused core
+#
+# Query i (cache index) and key j are at distance i - j (positions = index - a per-row offset). Self-Extend
+# attention of query i is one softmax over two disjoint key sets:
+#   neighbour keys  i - window < j <= i   scored with the exact rotations,
+#   far keys        j <= i - window       scored with the grouped rotations.
+# Each set goes through the fused kernel, which returns the normalised output o and the log-sum-exp l of the
+# scores; the softmax over the union is  (o1 e^l1 + o2 e^l2) / (e^l1 + e^l2)  (computed with the larger l
+# subtracted; a set without keys has l = -inf and weight 0). Nothing of size queries x keys is built:
+#   prefill (no mask): the far set is causal attention shifted by `window` (queries [W, L) against keys
+#     [0, L - W), one is_causal call); the neighbour set is cut into query blocks of `window` rows: keys of the
+#     same block (causal, is_causal) and of the previous block (key c of the previous block is a neighbour of
+#     row r iff c > r: causal after reversing both, so is_causal again).
+#   anything else (padding masks, chunked prefill, decode): query blocks of bounded size, each with the
+#     neighbour keys of the block and the far keys before it, with explicit masks of block x keys.
+
+
+def _fused_applies(query, key, value, attention_mask, dropout, module) -> bool:
+    if query.device.type != "cpu" or not hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"
+    ):
+        return False
+    if dropout and module.training:
+        return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return False  # the kernel's log-sum-exp has no gradient; training uses the reference
+    if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return attention_mask is None or attention_mask.dim() == 4
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+
+
+def _positions_are_offsets(pos_q, index_q, offset, attention_mask) -> bool:
+    """Whether every query row that attends to anything sits at ``index - offset`` (then distances are
+    index differences, which the fused core relies on). Rows the mask hides entirely (left padding,
+    whose position ids transformers sets to 1) do not count."""
+    bad = pos_q != index_q[None, :] - offset
+    if not bool(bad.any()):
+        return True
+    if attention_mask is None:
+        return False
+    rows = bad.nonzero()
+    visible = _allowed(attention_mask[rows[:, 0], :, rows[:, 1]]).any()
+    return not bool(visible)
+
+
+def _flash(q, k, v, scale, mask=None, causal=False):
+    """(out, lse) of the fused kernel; lse in fp32, shape (batch, heads, queries)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=mask, scale=scale
+    )
+    return out, lse
+
+
+def _merge(parts) -> torch.Tensor:
+    """Softmax over the union of disjoint key sets from each set's (output, log-sum-exp); fp32."""
+    lses = [lse for _, lse in parts]
+    top = lses[0]
+    for lse in lses[1:]:
+        top = torch.maximum(top, lse)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    acc, den = None, None
+    for out, lse in parts:
+        w = torch.exp(lse - top)
+        term = out.to(torch.float32) * w[..., None]
+        acc = term if acc is None else acc.add_(term)
+        den = w if den is None else den.add_(w)
+    return acc.div_(den.clamp_min(torch.finfo(torch.float32).tiny)[..., None])
+
+
+def _blocks(x: torch.Tensor, nb: int, size: int) -> torch.Tensor:
+    """(B, h, >= nb*size, D) -> (B*nb, h, size, D): blocks of the sequence as batch entries."""
+    b, h, _, d = x.shape
+    return x[:, :, : nb * size].unflatten(2, (nb, size)).transpose(1, 2).reshape(b * nb, h, size, d)
+
+
+def _unblocks(y: torch.Tensor, batch: int) -> torch.Tensor:
+    """Inverse of :func:`_blocks` for outputs (B*nb, h, size, ...) -> (B, h, nb*size, ...)."""
+    y = y.unflatten(0, (batch, -1)).transpose(1, 2)
+    return y.flatten(2, 3)
+
+
+def _grouped_rotations(state, query, key, pos_q, pos_k, q_rows: slice, k_end: int):
+    """Grouped queries (rows ``q_rows``) and grouped keys ``[0, k_end)``, rotated exactly as the reference."""
+    group, window = state.group, state.window
+    shift = window - window // group
+    pq = pos_q[:, q_rows]
+    delta = torch.div(pq, group, rounding_mode="floor") + shift - pq
+    qg = _rotate(query[:, :, q_rows], delta, state.rotary.inv_freq)
+    return qg, _grouped_keys(state, key, pos_k, k_end)
+
+
+def _key_rotation(state, key, pos_k, start, end):
+    pk = pos_k[:, start:end]
+    delta = torch.div(pk, state.group, rounding_mode="floor") - pk
+    return _rotate(key[:, :, start:end], delta, state.rotary.inv_freq)
+
+
+class _GroupedKeys:
+    """Grouped keys of one KV-cache layer, reused by the next decode step (one per cache layer)."""
+
+    __slots__ = ("buf", "n", "source", "version", "offset", "settings")
+
+
+class _GroupedKeyCache:
+    """Grouped keys kept between calls of one attention module, so decoding re-rotates only new keys.
+
+    A key's grouped rotation depends only on its position, but the keys arrive from the KV cache as a new
+    tensor every step, so reuse must be proven: a forward pre-hook (:func:`_capture_cache`) looks at the
+    module's transformers ``DynamicLayer`` *before* it is updated; its keys tensor must be the very tensor
+    (same object, same in-place version counter) the stored grouped keys were computed from. A
+    ``DynamicLayer`` update only appends (``torch.cat``), so the old keys are then a prefix of the new ones.
+    Beam-search reordering, cropping, a new cache or any other cache class replace or bypass that tensor and
+    the grouped keys are recomputed. Entries live as long as their cache layer (weak keys); never saved.
+    """
+
+    def __init__(self) -> None:
+        self.entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.current: tuple | None = None
+
+    def __deepcopy__(self, memo):  # a copied model starts with an empty cache
+        return _GroupedKeyCache()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, _state) -> None:
+        self.__init__()
+
+    def capture(self, cache: Any, layer_idx: Any) -> None:
+        self.current = None
+        layers = getattr(cache, "layers", None)
+        if not isinstance(layer_idx, int) or not isinstance(layers, list) or layer_idx >= len(layers):
+            return
+        from transformers.cache_utils import DynamicLayer
+
+        layer = layers[layer_idx]
+        if type(layer) is not DynamicLayer:
+            return
+        before = layer.keys if getattr(layer, "is_initialized", False) else None
+        entry = self.entries.get(layer)
+        prefix = (
+            entry is not None
+            and before is not None
+            and entry.source() is before
+            and before._version == entry.version
+        )
+        self.current = (weakref.ref(layer), prefix)
+
+    def take(self):
+        """The cache layer captured for this call and its reusable entry (or None)."""
+        current, self.current = self.current, None
+        if current is None:
+            return None, None
+        ref, prefix = current
+        layer = ref()
+        if layer is None:
+            return None, None
+        return layer, (self.entries.get(layer) if prefix else None)
+
+
+def _capture_cache(module: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook of a Self-Extend attention module: note its KV-cache layer before the update."""
+    state = getattr(module, "_seal_self_extend", None)
+    if state is not None and isinstance(state.grouped_cache, _GroupedKeyCache):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        state.grouped_cache.capture(cache, getattr(module, "layer_idx", None))
+
+
+def _grouped_keys(state, key, pos_k, k_end):
+    """Grouped keys ``[0, k_end)``; reuses (and extends) those of the previous step when provably valid."""
+    store = state.grouped_cache if isinstance(state.grouped_cache, _GroupedKeyCache) else None
+    layer, entry = store.take() if store is not None else (None, None)
+    if layer is None:
+        return _key_rotation(state, key, pos_k, 0, k_end)
+    inv_freq = state.rotary.inv_freq
+    settings = (state.group, key.dtype, key.shape[:2], inv_freq.data_ptr(), inv_freq._version)
+    offset = pos_k[:, :1]
+    start = 0
+    if entry is not None and entry.settings == settings and torch.equal(entry.offset, offset):
+        start = min(entry.n, k_end)
+        _count(state, "grouped_keys_reused")
+    else:
+        entry = _GroupedKeys()
+        entry.buf, entry.n, entry.settings, entry.offset = None, 0, settings, offset.clone()
+    if start < k_end:
+        new = _key_rotation(state, key, pos_k, start, k_end)
+        if entry.buf is None or entry.buf.shape[2] < k_end:
+            grown = key.new_empty(*key.shape[:2], k_end + max(256, k_end // 4), key.shape[3])
+            if start:
+                grown[:, :, :start] = entry.buf[:, :, :start]
+            entry.buf = grown
+        entry.buf[:, :, start:k_end] = new
+    entry.n = k_end
+    entry.source, entry.version = weakref.ref(key), key._version
+    store.entries[layer] = entry
+    return entry.buf[:, :, :k_end]
+
+
+def _fused_core(state, query, key, value, attention_mask, scaling, dropout, module, index_q, pos_q, pos_k):
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None and q_len == kv_len and state.block_size is None:
+        _count(state, "fused_prefill")
+        return _fused_prefill(state, query, key, value, scaling, pos_q, pos_k).to(value.dtype)
+    return _fused_blocked(state, query, key, value, attention_mask, scaling, index_q, pos_q, pos_k)
+
+
+def _fused_prefill(state, query, key, value, scaling, pos_q, pos_k) -> torch.Tensor:
+    """Causal prefill without a mask (queries = keys = [0, L), L > window), all calls maskless but one."""
+    batch, heads, length, dim = query.shape
+    w = state.window
+    nb, tail = divmod(length, w)
+    dtype = query.dtype
+    # neighbour keys in the query's own block: causal
+    out_d, lse_d = _flash(
+        _blocks(query, nb, w), _blocks(key, nb, w), _blocks(value, nb, w), scaling, causal=True
+    )
+    out_n = torch.empty(batch, heads, length, dim, dtype=torch.float32, device=query.device)
+    lse_n = torch.empty(batch, heads, length, dtype=torch.float32, device=query.device)
+    out_n[:, :, : nb * w] = _unblocks(out_d, batch)
+    lse_n[:, :, : nb * w] = _unblocks(lse_d, batch)
+    if tail:
+        o, lse = _flash(
+            query[:, :, nb * w :], key[:, :, nb * w :], value[:, :, nb * w :], scaling, causal=True
+        )
+        out_n[:, :, nb * w :], lse_n[:, :, nb * w :] = o, lse
+    # neighbour keys in the previous block: key c is a neighbour of row r iff c > r; reversing rows and keys
+    # makes that causal (row r' = w-1-r sees key c' = w-1-c iff c' < r', i.e. rows 1.. against keys ..w-2)
+    out_p = torch.zeros(batch, heads, length - w, dim, dtype=torch.float32, device=query.device)
+    lse_p = torch.full((batch, heads, length - w), float("-inf"), dtype=torch.float32, device=query.device)
+    if nb > 1 and w > 1:
+        qf = _blocks(query[:, :, w:], nb - 1, w).flip(2)[:, :, 1:]
+        kf = _blocks(key, nb - 1, w).flip(2)[:, :, : w - 1]
+        vf = _blocks(value, nb - 1, w).flip(2)[:, :, : w - 1]
+        o, lse = _flash(qf, kf, vf, scaling, causal=True)
+        # row r (0..w-2) of each block is reversed row w-2-r; row w-1 has no neighbour in the previous block
+        o = _unblocks(torch.nn.functional.pad(o.flip(2), (0, 0, 0, 1)), batch)
+        lse = _unblocks(torch.nn.functional.pad(lse.flip(2), (0, 1), value=float("-inf")), batch)
+        out_p[:, :, : (nb - 1) * w], lse_p[:, :, : (nb - 1) * w] = o, lse
+    if tail:  # the last, partial block against the full block before it: an explicit (tail x w) mask
+        r = torch.arange(tail, device=query.device)[:, None]
+        c = torch.arange(w, device=query.device)[None, :]
+        mask = torch.zeros(tail, w, dtype=dtype, device=query.device).masked_fill(
+            c <= r, torch.finfo(dtype).min
+        )
+        ks = (nb - 1) * w
+        o, lse = _flash(
+            query[:, :, nb * w :], key[:, :, ks : ks + w], value[:, :, ks : ks + w], scaling, mask=mask
+        )
+        out_p[:, :, (nb - 1) * w :], lse_p[:, :, (nb - 1) * w :] = o, lse
+    # far keys, grouped positions: query i sees keys j <= i - w, i.e. causal between [w, L) and [0, L - w)
+    qg, kg = _grouped_rotations(state, query, key, pos_q, pos_k, slice(w, length), length - w)
+    out_g, lse_g = _flash(qg, kg, value[:, :, : length - w], scaling, causal=True)
+    out_n[:, :, w:] = _merge([(out_n[:, :, w:], lse_n[:, :, w:]), (out_p, lse_p), (out_g, lse_g)])
+    return out_n
+
+
+def _fused_blocked(state, query, key, value, attention_mask, scaling, index_q, pos_q, pos_k) -> torch.Tensor:
+    """Any other call (masks, chunked prefill, decode): query blocks, explicit masks of block x keys."""
+    batch, heads, q_len, dim = query.shape
+    kv_len = key.shape[2]
+    w = state.window
+    dtype, device = query.dtype, query.device
+    low = torch.finfo(dtype).min
+    k_end = kv_len - w  # far keys of the last query: [0, kv_len - w)
+    qg, kg = _grouped_rotations(state, query, key, pos_q, pos_k, slice(0, q_len), max(k_end, 0))
+    block = state.block_size or max(1, min(q_len, (1 << 22) // max(1, batch * kv_len)))
+    outputs = []
+    for qs in range(0, q_len, block):
+        qe = min(q_len, qs + block)
+        i = index_q[qs:qe, None]
+        first, last = int(index_q[qs]), int(index_q[qe - 1])
+        parts = []
+        # neighbours: keys (first - w, last]
+        e0 = max(0, first - w + 1)
+        j = torch.arange(e0, last + 1, device=device)[None, :]
+        ok = (i >= j) & (i - j < w)
+        mask = _block_mask(ok, attention_mask, qs, qe, e0, last + 1, dtype, low)
+        parts.append(
+            _flash(query[:, :, qs:qe], key[:, :, e0 : last + 1], value[:, :, e0 : last + 1], scaling, mask)
+        )
+        # far keys: [0, last - w]
+        g1 = last - w + 1
+        if g1 > 0:
+            j = torch.arange(g1, device=device)[None, :]
+            mask = _block_mask(i - j >= w, attention_mask, qs, qe, 0, g1, dtype, low)
+            parts.append(_flash(qg[:, :, qs:qe], kg[:, :, :g1], value[:, :, :g1], scaling, mask))
+        outputs.append(_merge(parts).to(value.dtype))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def _block_mask(ok, attention_mask, qs, qe, ks, ke, dtype, low):
+    """Additive mask (0 / dtype min) for one block: structural ``ok`` (queries x keys) and the model's mask.
+    The min value, not -inf, keeps the kernel's log-sum-exp of a fully hidden row at about ``min``, so that
+    row gets weight 0 in the merge (with -inf the kernel reports lse 0)."""
+    if attention_mask is None:
+        if bool(ok.all()):
+            return None
+        return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill(~ok, low)
+    model = attention_mask[:, :, qs:qe, ks:ke]
+    if model.dtype == torch.bool:
+        return torch.zeros(model.shape, dtype=dtype, device=ok.device).masked_fill(~(model & ok), low)
+    return torch.where(ok, model.to(dtype).clamp_min(low), torch.tensor(low, dtype=dtype, device=ok.device))
+
 
 def _register_self_extend() -> None:
     """Register the Self-Extend attention (and its mask builders) with transformers; idempotent."""
@@ -165,12 +527,14 @@ def _register_self_extend() -> None:
         AttentionInterface.register(name, _self_extend_attention)
         AttentionMaskInterface.register(name, masks[base])
 
+
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [
         m
         for m in model.modules()
         if type(m).__name__.endswith("Attention") and hasattr(m, "o_proj") and hasattr(m, "layer_idx")
     ]
+
 
 def _apply_self_extend(model: nn.Module, config, record: Mapping[str, Any]) -> None:
     current = config._attn_implementation
@@ -194,7 +558,20 @@ def _apply_self_extend(model: nn.Module, config, record: Mapping[str, Any]) -> N
         module._seal_self_extend = SelfExtendState(
             group=int(record["factor"]), window=int(record["window"]), base=base, rotary=rotary[0]
         )
+        if getattr(module, _HOOK, None) is None:
+            setattr(module, _HOOK, module.register_forward_pre_hook(_capture_cache, with_kwargs=True))
     model.set_attn_implementation(_SELF_EXTEND_NAMES[base])
+
+
+def _detach_self_extend(module: nn.Module) -> None:
+    """Remove Self-Extend's settings and cache hook from one attention module (``remove_extension``)."""
+    if getattr(module, "_seal_self_extend", None) is not None:
+        del module._seal_self_extend
+    handle = getattr(module, _HOOK, None)
+    if handle is not None:
+        handle.remove()
+        delattr(module, _HOOK)
+
 
 def self_extend_states(model: nn.Module) -> list[SelfExtendState]:
     """The Self-Extend settings of every attention module of ``model`` (empty when not applied)."""
@@ -203,4 +580,3 @@ def self_extend_states(model: nn.Module) -> list[SelfExtendState]:
         for m in _attention_modules(get_base_model(model))
         if getattr(m, "_seal_self_extend", None) is not None
     ]
-

@@ -1,0 +1,304 @@
+"""Self-Extend's fused core (neighbour + grouped passes through the fused kernel, merged by log-sum-exp)
+against the reference core: random inputs of many shapes, tiny models with a KV cache, generation, and
+the grouped-key cache between decode steps."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from conftest import VOCAB, make_model
+
+from seal_peft.extension import extend_context, self_extend_states
+from seal_peft.extension.self_extend import SelfExtendState, _self_extend_attention
+
+TOL = 1e-5  # fp32: the two cores differ only in summation order
+
+
+def _inv_freq(dim: int) -> torch.Tensor:
+    return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def _inputs(batch, heads, kv_heads, kv_len, q_len, pad=None, mask=None, dim=16, seed=0):
+    """Random q/k/v, transformers-style position ids (left padding: ``index - pad``, padded rows 1) and a
+    mask as transformers builds it (``None``: causal without padding; ``"bool"``/``"float"``: causal + padding)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, dim, generator=g)
+    k = torch.randn(batch, kv_heads, kv_len, dim, generator=g)
+    v = torch.randn(batch, kv_heads, kv_len, dim, generator=g)
+    index_q = torch.arange(kv_len - q_len, kv_len)
+    pad = torch.tensor(pad if pad is not None else [0] * batch)
+    pos = index_q[None, :] - pad[:, None]
+    pos = torch.where(pos < 0, torch.ones_like(pos), pos)
+    attn = None
+    if mask is not None:
+        keys = torch.arange(kv_len)
+        allowed = (index_q[:, None] >= keys[None, :])[None] & (keys[None, None, :] >= pad[:, None, None])
+        attn = allowed[:, None]
+        if mask == "float":
+            attn = torch.zeros(attn.shape).masked_fill(~attn, torch.finfo(torch.float32).min)
+    visible = index_q[None, :] >= pad[:, None]  # (batch, q): rows that attend to something
+    return q, k, v, attn, pos, visible
+
+
+def _attend(impl, q, k, v, attn, pos, window, group, block_size=None):
+    state = SelfExtendState(
+        group=group,
+        window=window,
+        base="sdpa",
+        rotary=types.SimpleNamespace(inv_freq=_inv_freq(q.shape[-1])),
+        block_size=block_size,
+        impl=impl,
+    )
+    module = types.SimpleNamespace(_seal_self_extend=state, training=False)
+    out, _ = _self_extend_attention(module, q, k, v, attn, scaling=q.shape[-1] ** -0.5, position_ids=pos)
+    return out, state  # out: (batch, q, heads, dim)
+
+
+# name: batch, heads, kv_heads, kv_len, q_len, window, group, pad, mask, block_size, prefill kernel path
+CASES = {
+    "prefill_mha_window_not_multiple_of_group": (1, 4, 4, 100, 100, 7, 3, None, None, None, True),
+    "prefill_gqa_batch": (2, 6, 2, 64, 64, 16, 4, None, None, None, True),
+    "prefill_one_past_window": (1, 4, 2, 17, 17, 16, 4, None, None, None, True),
+    "prefill_blocks_and_tail": (2, 4, 2, 45, 45, 10, 4, None, None, None, True),
+    "prefill_tail_shorter_than_block": (1, 6, 3, 53, 53, 12, 5, None, None, None, True),
+    "prefill_small_query_blocks": (2, 4, 2, 50, 50, 10, 3, None, None, 7, False),
+    "decode": (2, 6, 3, 90, 1, 10, 4, None, None, None, False),
+    "decode_at_window_plus_one": (1, 4, 2, 11, 1, 10, 4, None, None, None, False),
+    "chunked_prefill": (2, 4, 2, 80, 23, 10, 3, None, "bool", None, False),
+    "chunked_prefill_small_blocks": (1, 4, 2, 80, 30, 9, 4, None, "bool", 4, False),
+    "left_padding_bool_mask": (3, 4, 2, 60, 60, 10, 4, [0, 5, 31], "bool", None, False),
+    "left_padding_float_mask": (3, 4, 2, 60, 60, 10, 4, [0, 5, 31], "float", None, False),
+    "left_padding_decode": (2, 6, 2, 70, 1, 10, 3, [0, 12], "bool", None, False),
+    "left_padding_chunk": (2, 4, 2, 70, 25, 8, 3, [4, 40], "float", 6, False),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_core_matches_reference(name):
+    batch, heads, kv_heads, kv_len, q_len, window, group, pad, mask, block, prefill = CASES[name]
+    q, k, v, attn, pos, visible = _inputs(batch, heads, kv_heads, kv_len, q_len, pad, mask)
+    ref, ref_state = _attend("reference", q, k, v, attn, pos, window, group, block)
+    out, state = _attend("fused", q, k, v, attn, pos, window, group, block)
+    assert ref_state.path_counts == {"reference": 1}
+    expected = {"fused": 1, "fused_prefill": 1} if prefill else {"fused": 1}
+    assert state.path_counts == expected
+    assert out.shape == ref.shape == (batch, q_len, heads, q.shape[-1])
+    assert (out - ref)[visible].abs().max() <= TOL
+    assert torch.isfinite(out).all()  # rows hidden by padding: some finite value, as in the reference
+
+
+def test_merge_is_the_softmax_over_the_union():
+    """Partial softmaxes merged by log-sum-exp == one softmax over all keys; a part without keys (lse -inf)
+    has weight 0; a row without any key gives 0 (finite)."""
+    from seal_peft.extension.self_extend import _merge
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 5, 12, generator=g) * 4
+    values = torch.randn(2, 3, 12, 8, generator=g)
+    sets = [slice(0, 3), slice(3, 10), slice(10, 12)]
+    hidden = torch.zeros(2, 3, 5, 12, dtype=torch.bool)
+    hidden[0, :, 1, 3:] = True  # row 1 of batch 0: keys of the first set only
+    hidden[1, :, 4, 10:] = True
+    scores = scores.masked_fill(hidden, float("-inf"))
+    parts = []
+    for s in sets:
+        part = scores[..., s]
+        lse = torch.logsumexp(part, dim=-1)
+        out = torch.nan_to_num(torch.softmax(part, dim=-1)) @ values[:, :, s]
+        parts.append((out, lse))
+    assert torch.isinf(parts[1][1][0, :, 1]).all()
+    expected = torch.softmax(scores, dim=-1) @ values
+    assert (_merge(parts) - expected).abs().max() <= TOL
+    empty = [(torch.zeros(1, 1, 2, 4), torch.full((1, 1, 2), float("-inf")))] * 2
+    assert torch.equal(_merge(empty), torch.zeros(1, 1, 2, 4))
+
+
+def test_fused_prefill_equals_fused_blocks():
+    """The maskless prefill path and the blocked path (forced by a block size) agree at several lengths."""
+    for kv_len in (21, 40, 41, 77):
+        q, k, v, attn, pos, _ = _inputs(2, 6, 3, kv_len, kv_len, seed=kv_len)
+        a, sa = _attend("fused", q, k, v, attn, pos, 10, 3)
+        b, sb = _attend("fused", q, k, v, attn, pos, 10, 3, block_size=8)
+        assert "fused_prefill" in sa.path_counts and "fused_prefill" not in sb.path_counts
+        assert (a - b).abs().max() <= TOL
+
+
+def test_grouping_matters_at_the_window_edge():
+    """The cases above can catch a window off by one: the grouped score of the key at distance
+    ``window`` (and ``window - 1``) differs from its exact score when the group does not divide the window."""
+    q, k, v, attn, pos, _ = _inputs(1, 4, 4, 100, 100)
+    base, _ = _attend("fused", q, k, v, attn, pos, 7, 1)  # group 1: grouped == exact, plain causal attention
+    plain = torch.softmax(
+        (q @ k.transpose(2, 3)) * 0.25 + torch.full((100, 100), float("-inf")).triu(1), dim=-1
+    ) @ v
+    assert (base - plain.transpose(1, 2)).abs().max() <= TOL
+    grouped, _ = _attend("fused", q, k, v, attn, pos, 7, 3)
+    assert torch.equal(grouped[:, :7], base[:, :7])  # inside the window: neighbours only
+    assert (grouped - base)[:, 7:].abs().max() > 1e-2
+
+
+def test_fused_falls_back_to_reference():
+    q, k, v, attn, pos, _ = _inputs(2, 4, 2, 40, 40)
+    ref, _ = _attend("reference", q, k, v, attn, pos, 10, 4)
+    # position ids that are not "cache index - a per-row offset" on rows that attend: the reference decides
+    odd = pos.clone()
+    odd[0, 5] += 3
+    out, state = _attend("fused", q, k, v, attn, odd, 10, 4)
+    assert state.path_counts == {"reference": 1}
+    assert torch.equal(out, _attend("reference", q, k, v, attn, odd, 10, 4)[0])
+    # gradients needed: the kernel's log-sum-exp has none, so the reference runs (and gradients flow)
+    qg = q.clone().requires_grad_(True)
+    out, state = _attend("fused", qg, k, v, attn, pos, 10, 4)
+    assert state.path_counts == {"reference": 1}
+    out.sum().backward()
+    assert torch.isfinite(qg.grad).all() and qg.grad.abs().sum() > 0
+    assert torch.equal(out.detach(), ref)
+    with pytest.raises(ValueError, match="'fused'.*'reference'"):
+        _attend("flash", q, k, v, attn, pos, 10, 4)
+
+
+def test_fused_bf16_close_to_reference():
+    q, k, v, attn, pos, _ = _inputs(1, 6, 2, 70, 70)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    ref, _ = _attend("reference", q, k, v, attn, pos, 16, 4)
+    out, state = _attend("fused", q, k, v, attn, pos, 16, 4)
+    assert out.dtype == torch.bfloat16 and "fused_prefill" in state.path_counts
+    assert (out.float() - ref.float()).abs().max() < 3e-2  # bf16 rounding of inputs and outputs (~1e-2)
+
+
+# ----------------------------------------------------------------------------------------- tiny models
+WINDOW = 16
+
+
+def _extended(arch: str, impl: str, attn_impl: str = "sdpa"):
+    model = make_model(arch)
+    model.set_attn_implementation(attn_impl)
+    extend_context(model, "self_extend", factor=4, window=WINDOW)
+    for state in self_extend_states(model):
+        state.impl = impl
+    return model
+
+
+def _ids(n, batch=2, seed=0):
+    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _counts(model) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for state in self_extend_states(model):
+        for k, v in state.path_counts.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+@torch.no_grad()
+def _chunked_then_decode(model, ids, chunks, steps):
+    """Logits of a prompt fed in chunks through the KV cache, then ``steps`` one-token steps."""
+    cache, logits, start = None, [], 0
+    for end in chunks:
+        out = model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True)
+        cache, start = out.past_key_values, end
+        logits.append(out.logits)
+    for t in range(start, start + steps):
+        out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "mistral"])  # mistral: 4 query heads on 2 kv heads
+def test_fused_model_prefill_chunks_and_decode_match_reference(arch, attn_impl):
+    ref, fused = _extended(arch, "reference", attn_impl), _extended(arch, "fused", attn_impl)
+    ids = _ids(75)
+    with torch.no_grad():
+        full_ref, full = ref(ids).logits, fused(ids).logits
+    assert (full - full_ref).abs().max() <= TOL
+    a, _ = _chunked_then_decode(ref, ids, [11, 30, 55], 20)
+    b, _ = _chunked_then_decode(fused, ids, [11, 30, 55], 20)
+    assert (a - b).abs().max() <= TOL
+    assert (b - full).abs().max() <= TOL  # incremental == one forward
+    counts = _counts(fused)
+    assert "reference" not in counts and counts["fused"] > 0
+    assert counts.get("grouped_keys_reused", 0) > 0  # decode steps re-rotated only the new keys
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_fused_generate_left_padding_and_beams_match_reference(arch):
+    ref, fused = _extended(arch, "reference"), _extended(arch, "fused")
+    ids = _ids(60, batch=3, seed=1)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    mask[2, :37] = 0  # 23 real tokens: the grouped path starts while decoding
+    with torch.no_grad():
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        a = ref(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        b = fused(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    assert (a - b)[mask.bool()].abs().max() <= TOL
+    for kwargs in ({"max_new_tokens": 16}, {"max_new_tokens": 10, "num_beams": 3}):
+        outs = [
+            m.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kwargs)
+            for m in (ref, fused)
+        ]
+        assert torch.equal(outs[0], outs[1]), kwargs
+    assert "reference" not in _counts(fused)
+
+
+@torch.no_grad()
+def test_grouped_key_cache_follows_cache_changes():
+    """Reordering (beam search), cropping, a second cache, an in-place write: the grouped keys of the
+    previous step are not reused then, and every step equals the reference."""
+    ref, fused = _extended("mistral", "reference"), _extended("mistral", "fused")
+    ids = _ids(70, batch=2, seed=2)
+
+    def both(fn):
+        return [fn(m) for m in (ref, fused)]
+
+    caches = both(lambda m: m(input_ids=ids[:, :50], use_cache=True).past_key_values)
+    others = both(lambda m: m(input_ids=ids.flip(0)[:, :52], use_cache=True).past_key_values)
+
+    def step(t, cs, token=None):
+        token = ids[:, t : t + 1] if token is None else token
+        outs = [m(input_ids=token, past_key_values=c, use_cache=True).logits for m, c in zip((ref, fused), cs)]
+        assert (outs[0] - outs[1]).abs().max() <= TOL, t
+        return outs[1]
+
+    for t in range(50, 54):
+        step(t, caches)
+    reused = _counts(fused).get("grouped_keys_reused", 0)
+    assert reused > 0
+    for c in caches:
+        c.reorder_cache(torch.tensor([1, 0]))  # rows swapped: keys no longer match the stored grouped keys
+    step(54, caches)
+    step(55, others)  # another cache on the same model
+    step(56, caches)
+    for c in caches:
+        c.crop(50 - c.get_seq_length())  # back to 50 tokens, then continue with other tokens
+    step(57, caches, token=ids[:, 3:4])
+    for c in caches:
+        c.layers[0].keys.mul_(1.5)  # an in-place change of the stored keys
+    step(58, caches)
+    step(59, caches)
+    assert _counts(fused).get("grouped_keys_reused", 0) > reused
+
+
+@pytest.mark.slow
+def test_fused_greedy_identical_on_embedded_model():
+    """The embedded SmolLM2 at ~2.3K tokens, window 256 (so far tokens are grouped): greedy tokens equal."""
+    from seal_peft.models import load_model
+
+    model, tok = load_model()
+    extend_context(model, "self_extend", factor=4, window=256)
+    ids = torch.randint(100, 40000, (1, 2300), generator=torch.Generator().manual_seed(3))
+    outs, logits = {}, {}
+    for impl in ("reference", "fused"):
+        for state in self_extend_states(model):
+            state.impl, state.path_counts = impl, {}
+        with torch.no_grad():
+            logits[impl] = model(ids, logits_to_keep=1).logits
+            outs[impl] = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+        assert impl in _counts(model)
+    assert (logits["fused"] - logits["reference"]).abs().max() < 1e-3
+    assert torch.equal(outs["fused"], outs["reference"])
