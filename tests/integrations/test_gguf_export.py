@@ -183,10 +183,14 @@ def tiny(tmp_path_factory):
     return sources, adapters
 
 
-def check_copy(src_path: Path, out_path: Path, reencoded_type: str | None = None) -> None:
+def _reader(path_or_reader):
+    return path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else gguf.GGUFReader(path_or_reader)
+
+
+def check_copy(src_path, out_path, reencoded_type: str | None = None) -> None:
     """Every metadata key/value byte-identical, same tensors in the same order, every tensor except
     blk.N.attn_output.weight byte-identical (type, shape and data)."""
-    src, new = gguf.GGUFReader(src_path), gguf.GGUFReader(out_path)
+    src, new = _reader(src_path), _reader(out_path)
     assert list(new.fields) == list(src.fields)
     for name, fld in src.fields.items():
         if name == "GGUF.tensor_count" or name == "GGUF.kv_count" or name == "GGUF.version":
@@ -495,9 +499,10 @@ def test_cli_export_gguf(tiny, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ real model
 @pytest.mark.slow
 def test_real_model_export_matches_the_merged_model(tmp_path):
-    """The embedded SmolLM2 (Q4_1 GGUF) with a SEAL-C adapter whose scales all differ from 1: metadata and
-    every other tensor byte-identical, attention outputs within the Q4_1 bound, and transformers' loader
-    on the export gives the merged model's logits within the re-quantisation error (~40 s)."""
+    """The embedded SmolLM2 (Q4_1 GGUF) with a SEAL-C adapter whose scales all differ from 1. Default type:
+    metadata and every other tensor byte-identical, all 30 attention outputs within the Q4_1 bound.
+    --type F32: transformers' GGUF loader on the export gives exactly the merged model's logits (the
+    column layout end to end; the Q4_1 file's logit error is measured by scripts/test-llamacpp.sh)."""
     from peft import get_peft_model
 
     from seal_peft.data import line_retrieval
@@ -512,29 +517,29 @@ def test_real_model_export_matches_the_merged_model(tmp_path):
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen).clamp(-2, 2))
     adapter = tmp_path / "seal-c"
     peft_model.save_pretrained(adapter)
-    row = line_retrieval(tok, num_samples=1, length=256, seed=5, progress=False)[0]
-    ids = torch.tensor([row["input_ids"]])
-    with torch.no_grad():
-        base_logits = peft_model.get_base_model()(ids).logits
-        peft_model.merge_adapter()
-        merged_logits = peft_model(ids).logits
+
     out = tmp_path / "seal.gguf"
     result = export_gguf(adapter, out)  # the source: the embedded model the adapter names
     source = embedded_gguf_file()
     assert result.source == source and len(result.re_encoded) == 30
-    check_copy(source, out)
-    src, new = tensors(gguf.GGUFReader(source)), tensors(gguf.GGUFReader(out))
-    for layer in (0, 17, 29):
+    src_reader, new_reader = gguf.GGUFReader(source), gguf.GGUFReader(out)  # parsing one takes seconds
+    check_copy(src_reader, new_reader)
+    src, new = tensors(src_reader), tensors(new_reader)
+    for layer in range(30):
         name = f"blk.{layer}.attn_output.weight"
         target = dequant(src[name]) * channel_scales(adapter, layer, 576)[None, :]
         assert new[name].tensor_type == Q.Q4_1
         assert (np.abs(dequant(new[name]) - target) <= error_bound(target, "Q4_1")).all(), name
-    exported = load_gguf_model(out)
+
+    out32 = tmp_path / "seal-f32.gguf"
+    export_gguf(adapter, out32, qtype="F32")
+    row = line_retrieval(tok, num_samples=1, length=256, seed=5, progress=False)[0]
+    ids = torch.tensor([row["input_ids"]])
     with torch.no_grad():
-        exported_logits = exported(ids).logits
-    diff = (exported_logits - merged_logits).abs().max().item()
-    effect = (base_logits - merged_logits).abs().max().item()
-    print(f"logits max|export - merged| = {diff:.4f}; max|base - merged| = {effect:.4f}")
-    assert diff < 0.25 * effect, (diff, effect)
-    agree = (exported_logits.argmax(-1) == merged_logits.argmax(-1)).float().mean().item()
-    assert agree > 0.9, agree
+        with peft_model.disable_adapter():
+            base_logits = peft_model(ids).logits
+        peft_model.merge_adapter()
+        merged_logits = peft_model(ids).logits
+        exported_logits = load_gguf_model(out32)(ids).logits
+    assert (base_logits - merged_logits).abs().max() > 1  # the adapter changes the model
+    assert torch.equal(exported_logits, merged_logits)
