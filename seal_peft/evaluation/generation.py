@@ -5,7 +5,9 @@ answers are a few tokens, so the cost is the prefill. The loop here
 
 - runs the prefill with ``logits_to_keep=1`` (full-vocabulary logits for a 16K prompt would cost
   GBs and are thrown away),
-- decodes with the KV cache, one token per step,
+- decodes with the KV cache, one token per step, writing each new key/value into room reserved after
+  the prefill (transformers' ``DynamicCache`` concatenates, i.e. copies the whole cache of every
+  layer at every step: a fifth of a SmolLM2 decode step at 2K tokens on CPU),
 - stops each sequence at EOS *or* as soon as its answer is complete (for numeric answers: once the
   first integer is followed by a non-digit, because the first-integer scorer cannot change after
   that point),
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicLayer
 
 from ..models import accepts_logits_to_keep, forward_parameters, input_device
 from ..tuner.utils import get_base_model
@@ -31,6 +35,10 @@ from ..tuner.utils import get_base_model
 __all__ = [
     "greedy_generate",
     "generate_answers",
+    "generate_answer_tokens",
+    "answer_plan",
+    "AnswerPlan",
+    "reserve_kv_room",
     "numeric_answer_complete",
     "is_numeric_answer",
     "prompt_ids",
@@ -125,18 +133,22 @@ def numeric_answer_complete(text: str) -> bool:
 StopRule = Callable[[Mapping[str, Any], str], bool]
 
 
+def _auto_rule_applies(record: Mapping[str, Any]) -> bool:
+    # LongEval scores the *last* integer of the whole output: a longeval record runs to EOS / its cap
+    return record.get("prompt_format") != "longeval" and is_numeric_answer(record.get("answer"))
+
+
+def _auto_stop_rule(record: Mapping[str, Any], text: str) -> bool:
+    return _auto_rule_applies(record) and numeric_answer_complete(text)
+
+
 def _resolve_stop_rule(stop_rule: str | StopRule | None) -> StopRule | None:
     if stop_rule is None:
         return None
     if callable(stop_rule):
         return stop_rule
     if stop_rule == "auto":
-        # LongEval scores the *last* integer of the whole output: a longeval record runs to EOS / its cap
-        return lambda record, text: (
-            record.get("prompt_format") != "longeval"
-            and is_numeric_answer(record.get("answer"))
-            and numeric_answer_complete(text)
-        )
+        return _auto_stop_rule
     raise ValueError(
         f"stop_rule must be 'auto', None or a callable (record, text) -> bool, got {stop_rule!r}"
     )
@@ -176,6 +188,79 @@ def _last_logits(output: Any) -> torch.Tensor:
     return output.logits[:, -1, :]
 
 
+class _RoomyLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys/values are views of a buffer with room for more tokens.
+
+    The views cover the first ``n`` positions of a buffer of ``n + room``: attention gets exactly the
+    tensors a ``DynamicLayer`` would return (same values and shape; only the strides of the batch and
+    head dimensions differ), so decoding is bit-identical (tested), and a step writes one position
+    instead of copying the whole cache. Out of room, or once the views stop being views of the buffer
+    (``batch_select_indices``, ``reorder_cache``), it falls back to ``DynamicLayer``'s concatenation;
+    ``crop`` keeps working (a shorter view, the next update overwrites the stale positions).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        super().__init__()
+        n = keys.shape[-2]
+        self.device = keys.device
+        self._key_buffer: torch.Tensor | None = keys.new_empty((*keys.shape[:-2], n + room, keys.shape[-1]))
+        self._value_buffer: torch.Tensor | None = values.new_empty(
+            (*values.shape[:-2], n + room, values.shape[-1])
+        )
+        self._key_buffer[..., :n, :].copy_(keys)
+        self._value_buffer[..., :n, :].copy_(values)
+        self.keys = self._key_buffer[..., :n, :]
+        self.values = self._value_buffer[..., :n, :]
+        self.is_initialized = True
+
+    def _views_of_buffer(self) -> bool:
+        kb, vb = self._key_buffer, self._value_buffer
+        return (
+            kb is not None
+            and vb is not None
+            and self.keys.data_ptr() == kb.data_ptr()
+            and self.values.data_ptr() == vb.data_ptr()
+            and self.keys.stride() == kb.stride()
+            and self.values.stride() == vb.stride()
+            and self.keys.shape[:-2] == kb.shape[:-2]
+        )
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, m = self.keys.shape[-2], key_states.shape[-2]
+        if not self._views_of_buffer() or n + m > self._key_buffer.shape[-2]:
+            self._key_buffer = self._value_buffer = None  # concatenate from now on
+            return super().update(key_states, value_states, *args, **kwargs)
+        self._key_buffer[..., n : n + m, :].copy_(key_states)
+        self._value_buffer[..., n : n + m, :].copy_(value_states)
+        self.keys = self._key_buffer[..., : n + m, :]
+        self.values = self._value_buffer[..., : n + m, :]
+        return self.keys, self.values
+
+
+def reserve_kv_room(cache: Any, room: int) -> int:
+    """Give every plain ``DynamicLayer`` of a transformers cache room for ``room`` more tokens, in place.
+
+    Returns the number of layers converted (0 for caches without per-layer ``DynamicLayer`` objects,
+    e.g. legacy tuples, static or sliding-window caches, which are left as they are).
+    """
+    layers = getattr(cache, "layers", None)
+    if room < 1 or not isinstance(layers, list):
+        return 0
+    converted = 0
+    for i, layer in enumerate(layers):
+        # only plain full-attention layers: sliding-window, quantized, offloaded ... layers keep their rule
+        if type(layer) is not DynamicLayer or not layer.is_initialized:
+            continue
+        keys, values = layer.keys, layer.values
+        if not (torch.is_tensor(keys) and torch.is_tensor(values)) or keys.dim() != 4 or keys.numel() == 0:
+            continue
+        layers[i] = _RoomyLayer(keys, values, room)
+        converted += 1
+    return converted
+
+
 @torch.inference_mode()
 def _greedy_batch(
     model: torch.nn.Module,
@@ -205,6 +290,8 @@ def _greedy_batch(
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
     logits, past = _last_logits(out), _output_cache(out)
     del out
+    if max_new_tokens > 1:
+        reserve_kv_room(past, max_new_tokens - 1)  # the decode steps write in place, no per-step copy
     next_position = position_ids[:, -1:] + 1
 
     generated: list[list[int]] = [[] for _ in range(batch)]
@@ -320,6 +407,86 @@ def default_max_new_tokens(record: Mapping[str, Any]) -> int:
     return LONGEVAL_MAX_NEW_TOKENS if record.get("prompt_format") == "longeval" else DEFAULT_MAX_NEW_TOKENS
 
 
+@dataclass
+class AnswerPlan:
+    """What :func:`generate_answers` decodes for each record: its prompt, new-token cap and stop test.
+
+    Shared with :func:`seal_peft.evaluation.hf_generate.generate_answers_hf` (the same answers through
+    ``model.generate``), so both apply the same per-record caps and stop rules.
+    """
+
+    records: list[Mapping[str, Any]]
+    prompts: list[list[int]]
+    caps: list[int]
+    eos_ids: set[int]
+    pad_token_id: int
+    decode: Callable[[Sequence[int]], str]
+    stop: Callable[[int, list[int]], bool]
+
+
+def answer_plan(
+    tokenizer: Any,
+    dataset: Any,
+    max_new_tokens: int | None,
+    stop_rule: str | StopRule | None,
+    eos_ids: set[int],
+) -> AnswerPlan:
+    """Validate the records and build their :class:`AnswerPlan` (see :func:`generate_answers`)."""
+    records = as_records(dataset)
+    check_fields(records, ("input_ids", "prompt_length"), "generation")
+    prompts = [prompt_ids(r, i) for i, r in enumerate(records)]
+    rule = _resolve_stop_rule(stop_rule)
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(
+            f"max_new_tokens must be >= 1 (or None for each record's default), got {max_new_tokens}"
+        )
+
+    def decode(tokens: Sequence[int]) -> str:
+        return tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    caps = [default_max_new_tokens(r) if max_new_tokens is None else max_new_tokens for r in records]
+    # records the rule can stop: the text is decoded at every step only for them ("auto" never stops a
+    # LongEval or non-numeric record, so those are not decoded until the end)
+    ruled = [rule is not None and (rule is not _auto_stop_rule or _auto_rule_applies(r)) for r in records]
+
+    def stop(i: int, toks: list[int]) -> bool:
+        return len(toks) >= caps[i] or (ruled[i] and rule(records[i], decode(toks)))
+
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = next(iter(sorted(eos_ids)), 0)
+    return AnswerPlan(records, prompts, caps, set(eos_ids), int(pad), decode, stop)
+
+
+def generate_answer_tokens(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dataset: Any,
+    max_new_tokens: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    stop_rule: str | StopRule | None = "auto",
+) -> list[list[int]]:
+    """The new token ids of every record (EOS excluded): :func:`generate_answers` before decoding."""
+    plan = answer_plan(tokenizer, dataset, max_new_tokens, stop_rule, eos_token_ids(model, tokenizer))
+    return _generate_plan(model, plan, batch_size, progress)
+
+
+def _generate_plan(
+    model: torch.nn.Module, plan: AnswerPlan, batch_size: int, progress: bool
+) -> list[list[int]]:
+    return greedy_generate(
+        model,
+        plan.prompts,
+        max_new_tokens=max(plan.caps),
+        eos_token_id=sorted(plan.eos_ids),
+        stop=plan.stop,
+        batch_size=batch_size,
+        pad_token_id=plan.pad_token_id,
+        progress=progress,
+    )
+
+
 def generate_answers(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -346,31 +513,5 @@ def generate_answers(
     Returns:
         One decoded, whitespace-stripped string per record, in order.
     """
-    records = as_records(dataset)
-    check_fields(records, ("input_ids", "prompt_length"), "generation")
-    prompts = [prompt_ids(r, i) for i, r in enumerate(records)]
-    rule = _resolve_stop_rule(stop_rule)
-
-    def decode(tokens: Sequence[int]) -> str:
-        return tokenizer.decode(list(tokens), skip_special_tokens=True)
-
-    caps = [default_max_new_tokens(r) if max_new_tokens is None else max_new_tokens for r in records]
-
-    def stop(i: int, toks: list[int]) -> bool:
-        return len(toks) >= caps[i] or (rule is not None and rule(records[i], decode(toks)))
-
-    eos_ids = eos_token_ids(model, tokenizer)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = next(iter(sorted(eos_ids)), 0)
-    tokens = greedy_generate(
-        model,
-        prompts,
-        max_new_tokens=max(caps),
-        eos_token_id=sorted(eos_ids),
-        stop=stop,
-        batch_size=batch_size,
-        pad_token_id=pad,
-        progress=progress,
-    )
-    return [decode(t).strip() for t in tokens]
+    plan = answer_plan(tokenizer, dataset, max_new_tokens, stop_rule, eos_token_ids(model, tokenizer))
+    return [plan.decode(t).strip() for t in _generate_plan(model, plan, batch_size, progress)]
