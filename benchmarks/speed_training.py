@@ -12,6 +12,10 @@ Variants (comma-separated ``--variants``):
   (``model(input_ids)``); ``forward-trim``: the same with the collator's ``logits_to_keep``.
 - ``seal-h``, ``seal-c``, ``lora``, ``ia3``: one training step; suffix ``+full`` = untrimmed logits,
   ``+ckpt`` = gradient (activation) checkpointing, non-reentrant, as ``seal_training_arguments``.
+- ``floor``: the training floor of any method that learns inside the network: the frozen model with
+  ONE trainable scalar multiplying the embedding output (:func:`attach_floor_scalar`), so the
+  gradient flows back through every layer and there are no adapter ops (``benchmarks/training_floor.py``
+  compares SEAL with it).
 
 Each (variant, length) runs in a fresh Python process (``--in-process`` runs them here, for tests):
 it loads the model, measures the memory in use, then runs ``--warmup`` + ``--steps`` steps and
@@ -57,12 +61,31 @@ FORWARDS = ("forward", "forward-trim")
 
 def parse_variant(spec: str) -> tuple[str, set[str]]:
     kind, *mods = spec.split("+")
-    known = FORWARDS + ("seal-h", "seal-c", "lora", "ia3")
+    known = FORWARDS + ("seal-h", "seal-c", "lora", "ia3", "floor")
     if kind not in known or any(m not in ("full", "ckpt") for m in mods):
         raise ValueError(f"bad variant {spec!r}: use one of {known} with optional +full / +ckpt")
     if kind in FORWARDS and mods:
         raise ValueError(f"bad variant {spec!r}: forward variants take no modifiers")
     return kind, set(mods)
+
+
+def attach_floor_scalar(model: torch.nn.Module) -> torch.nn.Parameter:
+    """Freeze ``model`` and multiply its input-embedding output by one trainable fp32 scalar (init 1).
+
+    The scalar's gradient is the sum of (gradient at the embedding output) x (embedding output): the
+    backward must run through every layer, as for any adapter in layer 0, but there is no adapter op
+    and nothing extra to keep. Returns the scalar (registered on the embedding module as
+    ``floor_scale``, so ``model.parameters()`` lists it).
+    """
+    model.requires_grad_(False)
+    embed = model.get_input_embeddings()
+    embed.floor_scale = torch.nn.Parameter(torch.ones((), dtype=torch.float32, device=embed.weight.device))
+
+    def scale(module, args, output):
+        return output * module.floor_scale.to(output.dtype)
+
+    embed.register_forward_hook(scale)
+    return embed.floor_scale
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
@@ -73,16 +96,39 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def run_variant(spec: str, length: int, args: argparse.Namespace) -> dict:
-    """Load the model, build ``spec``, time its steps and measure its peak memory (this process)."""
+class Variant:
+    """A built benchmark variant: ``step()`` runs one step (a training step, or a no-grad forward).
+
+    (A plain class, not a dataclass: the tests load this file without registering it in sys.modules.)
+    """
+
+    def __init__(self, spec, kind, mods, model, desc, inputs, labels, step, trainable=0, loss_fn=None,
+                 optimizer=None, losses=None, load_s=0.0):  # fmt: skip
+        self.spec, self.kind, self.mods, self.model, self.desc = spec, kind, mods, model, desc
+        self.inputs, self.labels, self.step, self.trainable = inputs, labels, step, trainable
+        self.loss_fn, self.optimizer, self.load_s = loss_fn, optimizer, load_s
+        self.losses: list[float] = [] if losses is None else losses
+
+    def saved_for_backward_mib(self) -> float | None:
+        """MiB autograd keeps for one step's backward (None for forwards and checkpointed variants)."""
+        if self.kind in FORWARDS or "ckpt" in self.mods:  # checkpointing hides its saved tensors
+            return None
+        saved_bytes, loss = saved_for_backward_bytes(
+            self.model, lambda: self.loss_fn(self.model(**self.inputs), self.labels)
+        )
+        loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return round(saved_bytes / 2**20, 1)
+
+
+def build_variant(spec: str, length: int, args: argparse.Namespace) -> Variant:
+    """Load the model and build ``spec`` on one ``length``-token answer sample."""
     from peft import get_peft_model
 
     from seal_peft.training import SealDataCollator, seal_loss
 
     kind, mods = parse_variant(spec)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, desc = load_benchmark_model(args.model, parse_dtype(args.dtype), seed=args.seed)
     model.to(device)
@@ -93,42 +139,54 @@ def run_variant(spec: str, length: int, args: argparse.Namespace) -> dict:
     labels = batch.pop("labels").to(device)
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     inputs["use_cache"] = False
-    trainable = 0
     if kind in FORWARDS:
         model.eval()
 
         @torch.no_grad()
-        def step():
+        def forward():
             return model(**inputs).logits.shape[-2]
+
+        return Variant(spec, kind, mods, model, desc, inputs, labels, forward, load_s=load_s)
+    if "ckpt" in mods:
+        enable_checkpointing(model)
+    if kind == "floor":
+        attach_floor_scalar(model)
     else:
-        if "ckpt" in mods:
-            enable_checkpointing(model)
         model = get_peft_model(model, adapter_config(kind))
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        trainable = sum(p.numel() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE[kind], weight_decay=0.0)
-        loss_fn = seal_loss(model)
-        losses = []
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE.get(kind, 1e-3), weight_decay=0.0)
+    loss_fn = seal_loss(model)
+    losses: list[float] = []
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            out = model(**inputs)
-            loss = loss_fn(out, labels)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            return out.logits.shape[-2]
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        out = model(**inputs)
+        loss = loss_fn(out, labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        return out.logits.shape[-2]
 
+    return Variant(
+        spec, kind, mods, model, desc, inputs, labels, train_step,
+        trainable=sum(p.numel() for p in params), loss_fn=loss_fn, optimizer=optimizer, losses=losses,
+        load_s=load_s,
+    )  # fmt: skip
+
+
+def run_variant(spec: str, length: int, args: argparse.Namespace) -> dict:
+    """Load the model, build ``spec``, time its steps and measure its peak memory (this process)."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    v = build_variant(spec, length, args)
+    kind, desc, inputs, step = v.kind, v.desc, v.inputs, v.step
+    trainable, losses, load_s = v.trainable, v.losses, v.load_s
     with PeakMemory(device) as mem:
         times = timed_steps(step, device, args.warmup, args.steps)
         peak = mem.peak_mib()
-    saved = None
-    if kind not in FORWARDS and "ckpt" not in mods:  # checkpointing hides its saved tensors from the hook
-        saved_bytes, loss = saved_for_backward_bytes(model, lambda: loss_fn(model(**inputs), labels))
-        loss.backward()
-        optimizer.zero_grad(set_to_none=True)
-        saved = round(saved_bytes / 2**20, 1)
+    saved = v.saved_for_backward_mib()
     profile = None
     if args.profile:
         from torch.profiler import ProfilerActivity

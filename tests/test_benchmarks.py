@@ -219,3 +219,66 @@ def test_layer_benchmark_tiny(tmp_path, capsys):
         ("float32", 1, "no-grad"),
     }
     assert set(results[0]["seconds"]) == {"base", "seal", "orig", "act-ref", "bcast"}
+
+
+def test_eval_throughput_benchmark_tiny(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    record = _load("eval_throughput").main(
+        ["--model", "tiny", "--length", "256", "--samples", "2", "--repeats", "2", "--max-new-tokens", "4",
+         "--batch-size", "2", "--json", str(out)]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "evaluator / floor" in printed and "model.generate / custom loop" in printed
+    assert "decode forwards" in printed
+    saved = json.loads(out.read_text())
+    assert set(saved["seconds"]) == {"floor", "evaluator", "loop-concat", "generate", "batched"}
+    assert all(s["n"] == 2 for s in saved["seconds"].values())
+    # the batch-1 variants give the evaluator's answers (the benchmark reports, the tests elsewhere assert)
+    assert (
+        record["same_answers_as_evaluator"]["generate"] and record["same_answers_as_evaluator"]["loop-concat"]
+    )
+    b = saved["breakdown"]
+    assert b["prefill_calls"] == 2 and b["decode_steps"] == 2 * 3  # 4 tokens: 1 from the prefill, 3 steps
+    assert b["answer_tokens_per_record"] == [4, 4]
+
+
+def test_training_floor_scalar_is_the_only_trainable_parameter():
+    bench = _load("speed_training")
+    model, _ = _load("_common").load_benchmark_model("tiny", torch.float32)
+    scalar = bench.attach_floor_scalar(model)
+    assert [p for p in model.parameters() if p.requires_grad] == [scalar]
+    ids = torch.randint(3, 500, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        scalar.fill_(2.0)
+        scaled = model(ids).logits
+        scalar.fill_(1.0)
+    assert not torch.allclose(ref, scaled)  # the scalar multiplies the embedding output
+    model(ids).logits[0, -1].logsumexp(-1).backward()
+    assert scalar.grad is not None and scalar.grad.abs() > 0
+
+
+def test_training_floor_benchmark_tiny_in_process(tmp_path, capsys):
+    out = tmp_path / "floor.json"
+    record = _load("training_floor").main(
+        ["--model", "tiny", "--lengths", "48", "--rounds", "2", "--in-process", "--profile", "3", "--json", str(out)]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "step / floor" in printed and "ops that differ most" in printed
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"floor", "seal-h", "seal-c", "floor+ckpt", "seal-h+ckpt", "seal-c+ckpt"}
+    assert rows["floor"]["trainable_params"] == 1 and rows["seal-h"]["trainable_params"] == 2 * 4
+    assert rows["floor"]["step_vs_floor"]["median"] == 1.0 and rows["seal-c"]["step_s"]["n"] == 2
+    assert (
+        "peak_vs_floor" in rows["seal-h"] and rows["seal-h"]["saved_vs_floor"] > 0
+    )  # in-process peaks: inexact
+    assert rows["seal-h+ckpt"]["saved_for_backward_mib"] is None  # hidden by checkpointing
+    assert all(r["logits_positions"] == 17 for r in record["rows"])
+
+
+def test_training_floor_timing_worker_subprocess():
+    record = _load("training_floor").main(
+        ["--model", "tiny", "--lengths", "40", "--rounds", "1", "--groups", "plain", "--no-memory"]
+    )
+    assert [r["variant"] for r in record["rows"]] == ["floor", "seal-h", "seal-c"]
+    assert "peak_mib" not in record["rows"][0]
