@@ -126,7 +126,7 @@ def _self_extend_attention(
 
     core = _reference_core
     if state.impl == "fused" and _fused_applies(query, key, value, attention_mask, dropout, module):
-        if _positions_are_offsets(pos_q, index_q, offset, attention_mask):
+        if q_len == 1 or _positions_are_offsets(pos_q, index_q, offset, attention_mask):
             core = _fused_core
     _count(state, "fused" if core is _fused_core else "reference")
     out = core(state, query, key, value, attention_mask, scaling, dropout, module, index_q, pos_q, pos_k)
@@ -266,20 +266,34 @@ def _flash(q, k, v, scale, mask=None, causal=False):
     return out, lse
 
 
-def _merge(parts) -> torch.Tensor:
-    """Softmax over the union of disjoint key sets from each set's (output, log-sum-exp); fp32."""
-    lses = [lse for _, lse in parts]
+def _merge_weights(lses):
+    """Softmax weights of disjoint key sets from their log-sum-exps (fp32); a set without keys gets 0."""
     top = lses[0]
     for lse in lses[1:]:
         top = torch.maximum(top, lse)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    acc, den = None, None
-    for out, lse in parts:
-        w = torch.exp(lse - top)
-        term = out.to(torch.float32) * w[..., None]
-        acc = term if acc is None else acc.add_(term)
-        den = w if den is None else den.add_(w)
-    return acc.div_(den.clamp_min(torch.finfo(torch.float32).tiny)[..., None])
+    exps = [torch.exp(lse - top) for lse in lses]
+    den = exps[0]
+    for e in exps[1:]:
+        den = den + e
+    den = den.clamp_min(torch.finfo(torch.float32).tiny)
+    return [e / den for e in exps]
+
+
+def _merge_into(dst: torch.Tensor, parts) -> torch.Tensor:
+    """Write into ``dst`` the softmax over the union of disjoint key sets, from each set's (normalised
+    output, log-sum-exp): sum_i o_i e^{l_i} / sum_i e^{l_i}, with the largest l subtracted first."""
+    weights = _merge_weights([lse for _, lse in parts])
+    torch.mul(parts[0][0], weights[0][..., None], out=dst)
+    for (out, _), w in zip(parts[1:], weights[1:]):
+        dst.addcmul_(out, w[..., None])
+    return dst
+
+
+def _merge(parts) -> torch.Tensor:
+    """:func:`_merge_into` a new fp32 tensor."""
+    out = parts[0][0]
+    return _merge_into(torch.empty(out.shape, dtype=torch.float32, device=out.device), parts)
 
 
 def _blocks(x: torch.Tensor, nb: int, size: int) -> torch.Tensor:
@@ -300,14 +314,33 @@ def _grouped_rotations(state, query, key, pos_q, pos_k, q_rows: slice, k_end: in
     shift = window - window // group
     pq = pos_q[:, q_rows]
     delta = torch.div(pq, group, rounding_mode="floor") + shift - pq
-    qg = _rotate(query[:, :, q_rows], delta, state.rotary.inv_freq)
+    qg = _rotate_into(query[:, :, q_rows], delta, state.rotary.inv_freq)
     return qg, _grouped_keys(state, key, pos_k, k_end)
 
 
-def _key_rotation(state, key, pos_k, start, end):
+def _rotate_into(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, out=None) -> torch.Tensor:
+    """:func:`_rotate` (same fp32 arithmetic on each half, no concatenations), optionally into ``out``."""
+    freqs = delta.to(torch.float32)[..., None] * inv_freq.to(device=x.device, dtype=torch.float32)
+    cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # (batch, 1, n, dim / 2)
+    half = x.shape[-1] // 2
+    direct = out is not None and out.dtype == torch.float32
+    res = out if direct else torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    x1, x2, r1, r2 = x[..., :half], x[..., half:], res[..., :half], res[..., half:]
+    torch.mul(x1, cos, out=r1)
+    r1.addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=r2)
+    r2.addcmul_(x1, sin)
+    if direct:
+        return res
+    if out is not None:
+        return out.copy_(res)
+    return res.to(x.dtype)
+
+
+def _key_rotation(state, key, pos_k, start, end, out=None):
     pk = pos_k[:, start:end]
     delta = torch.div(pk, state.group, rounding_mode="floor") - pk
-    return _rotate(key[:, :, start:end], delta, state.rotary.inv_freq)
+    return _rotate_into(key[:, :, start:end], delta, state.rotary.inv_freq, out)
 
 
 class _GroupedKeys:
@@ -342,6 +375,8 @@ class _GroupedKeyCache:
         self.__init__()
 
     def capture(self, cache: Any, layer_idx: Any) -> None:
+        """Note ``cache``'s layer ``layer_idx`` (if a ``DynamicLayer``) and whether its keys are still the
+        tensor the stored grouped keys came from; called before the layer is updated."""
         self.current = None
         layers = getattr(cache, "layers", None)
         if not isinstance(layer_idx, int) or not isinstance(layers, list) or layer_idx >= len(layers):
@@ -361,14 +396,16 @@ class _GroupedKeyCache:
         )
         self.current = (weakref.ref(layer), prefix)
 
-    def take(self):
-        """The cache layer captured for this call and its reusable entry (or None)."""
+    def take(self, key: torch.Tensor):
+        """The cache layer captured for this call and its reusable entry (or None). The layer must hold
+        ``key`` itself (what ``DynamicLayer.update`` returns), so a capture that belongs to another call
+        (another thread, a direct call of the attention function) is never used."""
         current, self.current = self.current, None
         if current is None:
             return None, None
         ref, prefix = current
         layer = ref()
-        if layer is None:
+        if layer is None or getattr(layer, "keys", None) is not key:
             return None, None
         return layer, (self.entries.get(layer) if prefix else None)
 
@@ -384,7 +421,7 @@ def _capture_cache(module: nn.Module, args, kwargs) -> None:
 def _grouped_keys(state, key, pos_k, k_end):
     """Grouped keys ``[0, k_end)``; reuses (and extends) those of the previous step when provably valid."""
     store = state.grouped_cache if isinstance(state.grouped_cache, _GroupedKeyCache) else None
-    layer, entry = store.take() if store is not None else (None, None)
+    layer, entry = store.take(key) if store is not None else (None, None)
     if layer is None:
         return _key_rotation(state, key, pos_k, 0, k_end)
     inv_freq = state.rotary.inv_freq
@@ -398,13 +435,12 @@ def _grouped_keys(state, key, pos_k, k_end):
         entry = _GroupedKeys()
         entry.buf, entry.n, entry.settings, entry.offset = None, 0, settings, offset.clone()
     if start < k_end:
-        new = _key_rotation(state, key, pos_k, start, k_end)
         if entry.buf is None or entry.buf.shape[2] < k_end:
             grown = key.new_empty(*key.shape[:2], k_end + max(256, k_end // 4), key.shape[3])
             if start:
                 grown[:, :, :start] = entry.buf[:, :, :start]
             entry.buf = grown
-        entry.buf[:, :, start:k_end] = new
+        _key_rotation(state, key, pos_k, start, k_end, out=entry.buf[:, :, start:k_end])
     entry.n = k_end
     entry.source, entry.version = weakref.ref(key), key._version
     store.entries[layer] = entry
@@ -413,60 +449,93 @@ def _grouped_keys(state, key, pos_k, k_end):
 
 def _fused_core(state, query, key, value, attention_mask, scaling, dropout, module, index_q, pos_q, pos_k):
     q_len, kv_len = query.shape[2], key.shape[2]
+    if q_len == 1 and state.block_size is None:
+        return _fused_decode(state, query, key, value, attention_mask, scaling, pos_q, pos_k)
     if attention_mask is None and q_len == kv_len and state.block_size is None:
         _count(state, "fused_prefill")
-        return _fused_prefill(state, query, key, value, scaling, pos_q, pos_k).to(value.dtype)
+        return _fused_prefill(state, query, key, value, scaling, pos_q, pos_k)
     return _fused_blocked(state, query, key, value, attention_mask, scaling, index_q, pos_q, pos_k)
 
 
+def _fused_decode(state, query, key, value, attention_mask, scaling, pos_q, pos_k) -> torch.Tensor:
+    """One query (the last cache index): neighbours = the last ``window`` keys, far keys = all before them.
+    Both passes are plain kernel calls (the model's mask, if any, sliced); two sets merge as a lerp."""
+    kv_len, w = key.shape[2], state.window
+    k_end = kv_len - w
+    qg, kg = _grouped_rotations(state, query, key, pos_q, pos_k, slice(0, 1), k_end)
+    near = far = None
+    if attention_mask is not None:
+        dtype = query.dtype
+        low = torch.finfo(dtype).min
+        mask = attention_mask[:, :, -1:, :kv_len]
+        if mask.dtype == torch.bool:
+            add = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, low)
+        else:
+            add = mask.to(dtype).clamp_min(low)
+        near, far = add[..., k_end:], add[..., :k_end]
+    o1, l1 = _flash(query, key[:, :, k_end:], value[:, :, k_end:], scaling, near)
+    o2, l2 = _flash(qg, kg, value[:, :, :k_end], scaling, far)
+    # softmax over both sets: weight of the neighbours = e^l1 / (e^l1 + e^l2) = sigmoid(l1 - l2)
+    out = torch.lerp(o2.to(torch.float32), o1.to(torch.float32), torch.sigmoid(l1 - l2)[..., None])
+    return out.to(value.dtype)
+
+
 def _fused_prefill(state, query, key, value, scaling, pos_q, pos_k) -> torch.Tensor:
-    """Causal prefill without a mask (queries = keys = [0, L), L > window), all calls maskless but one."""
+    """Causal prefill without a mask (queries = keys = [0, L), L > window). Returns (B, H, L, D), a view of
+    a (B, L, H, D) buffer (the layout transformers wants next)."""
     batch, heads, length, dim = query.shape
     w = state.window
     nb, tail = divmod(length, w)
-    dtype = query.dtype
-    # neighbour keys in the query's own block: causal
-    out_d, lse_d = _flash(
-        _blocks(query, nb, w), _blocks(key, nb, w), _blocks(value, nb, w), scaling, causal=True
+    dtype, device = query.dtype, query.device
+    final = torch.empty(batch, length, heads, dim, dtype=value.dtype, device=device)
+    acc = (
+        final
+        if value.dtype == torch.float32
+        else torch.empty(final.shape, dtype=torch.float32, device=device)
     )
-    out_n = torch.empty(batch, heads, length, dim, dtype=torch.float32, device=query.device)
-    lse_n = torch.empty(batch, heads, length, dtype=torch.float32, device=query.device)
-    out_n[:, :, : nb * w] = _unblocks(out_d, batch)
-    lse_n[:, :, : nb * w] = _unblocks(lse_d, batch)
-    if tail:
-        o, lse = _flash(
-            query[:, :, nb * w :], key[:, :, nb * w :], value[:, :, nb * w :], scaling, causal=True
-        )
-        out_n[:, :, nb * w :], lse_n[:, :, nb * w :] = o, lse
-    # neighbour keys in the previous block: key c is a neighbour of row r iff c > r; reversing rows and keys
-    # makes that causal (row r' = w-1-r sees key c' = w-1-c iff c' < r', i.e. rows 1.. against keys ..w-2)
-    out_p = torch.zeros(batch, heads, length - w, dim, dtype=torch.float32, device=query.device)
-    lse_p = torch.full((batch, heads, length - w), float("-inf"), dtype=torch.float32, device=query.device)
-    if nb > 1 and w > 1:
+    # (B, nb, H, w, D) view of the full blocks of the output
+    acc5 = acc[:, : nb * w].unflatten(1, (nb, w)).transpose(2, 3)
+    # neighbour keys in the query's own block: causal
+    od, ld = _flash(_blocks(query, nb, w), _blocks(key, nb, w), _blocks(value, nb, w), scaling, causal=True)
+    od, ld = od.unflatten(0, (batch, nb)), ld.unflatten(0, (batch, nb))  # (B, nb, H, w, D), (B, nb, H, w)
+    acc5[:, 0] = od[:, 0]  # the first block has neither earlier neighbours nor far keys
+    # far keys, grouped positions: query i sees keys j <= i - w, i.e. causal between [w, L) and [0, L - w)
+    qg, kg = _grouped_rotations(state, query, key, pos_q, pos_k, slice(w, length), length - w)
+    og, lg = _flash(qg, kg, value[:, :, : length - w], scaling, causal=True)  # rows w.. of the output
+    del qg, kg
+    if nb > 1:
+        # neighbour keys in the previous block: key c is a neighbour of row r iff c > r. Reversing rows and
+        # keys makes that causal (row r' = w-1-r sees key c' = w-1-c iff c' < r': rows 1.. against keys ..w-2)
         qf = _blocks(query[:, :, w:], nb - 1, w).flip(2)[:, :, 1:]
         kf = _blocks(key, nb - 1, w).flip(2)[:, :, : w - 1]
         vf = _blocks(value, nb - 1, w).flip(2)[:, :, : w - 1]
         o, lse = _flash(qf, kf, vf, scaling, causal=True)
-        # row r (0..w-2) of each block is reversed row w-2-r; row w-1 has no neighbour in the previous block
-        o = _unblocks(torch.nn.functional.pad(o.flip(2), (0, 0, 0, 1)), batch)
-        lse = _unblocks(torch.nn.functional.pad(lse.flip(2), (0, 1), value=float("-inf")), batch)
-        out_p[:, :, : (nb - 1) * w], lse_p[:, :, : (nb - 1) * w] = o, lse
-    if tail:  # the last, partial block against the full block before it: an explicit (tail x w) mask
-        r = torch.arange(tail, device=query.device)[:, None]
-        c = torch.arange(w, device=query.device)[None, :]
-        mask = torch.zeros(tail, w, dtype=dtype, device=query.device).masked_fill(
-            c <= r, torch.finfo(dtype).min
-        )
-        ks = (nb - 1) * w
-        o, lse = _flash(
-            query[:, :, nb * w :], key[:, :, ks : ks + w], value[:, :, ks : ks + w], scaling, mask=mask
-        )
-        out_p[:, :, (nb - 1) * w :], lse_p[:, :, (nb - 1) * w :] = o, lse
-    # far keys, grouped positions: query i sees keys j <= i - w, i.e. causal between [w, L) and [0, L - w)
-    qg, kg = _grouped_rotations(state, query, key, pos_q, pos_k, slice(w, length), length - w)
-    out_g, lse_g = _flash(qg, kg, value[:, :, : length - w], scaling, causal=True)
-    out_n[:, :, w:] = _merge([(out_n[:, :, w:], lse_n[:, :, w:]), (out_p, lse_p), (out_g, lse_g)])
-    return out_n
+        del qf, kf, vf
+        # back in row order; row w-1 of a block has no neighbour in the previous block (weight 0)
+        op = o.new_empty(batch, nb - 1, heads, w, dim)
+        op[..., : w - 1, :] = o.unflatten(0, (batch, nb - 1)).flip(3)
+        op[..., w - 1, :] = 0
+        lp = lse.new_empty(batch, nb - 1, heads, w)
+        lp[..., : w - 1] = lse.unflatten(0, (batch, nb - 1)).flip(3)
+        lp[..., w - 1] = float("-inf")
+        del o, lse
+        og5 = og[:, :, : (nb - 1) * w].unflatten(2, (nb - 1, w)).transpose(1, 2)
+        lg4 = lg[:, :, : (nb - 1) * w].unflatten(2, (nb - 1, w)).transpose(1, 2)
+        _merge_into(acc5[:, 1:], [(od[:, 1:], ld[:, 1:]), (op, lp), (og5, lg4)])
+        del op, lp
+    if tail:  # the last, partial block: its own keys (causal), the block before (explicit mask), far keys
+        t0 = nb * w
+        parts = [_flash(query[:, :, t0:], key[:, :, t0:], value[:, :, t0:], scaling, causal=True)]
+        r = torch.arange(tail, device=device)[:, None]
+        c = torch.arange(w, device=device)[None, :]
+        mask = torch.zeros(tail, w, dtype=dtype, device=device).masked_fill(c <= r, torch.finfo(dtype).min)
+        ks = t0 - w
+        parts.append(_flash(query[:, :, t0:], key[:, :, ks:t0], value[:, :, ks:t0], scaling, mask=mask))
+        parts.append((og[:, :, ks:], lg[:, :, ks:]))
+        _merge_into(acc[:, t0:].transpose(1, 2), parts)
+    if acc is not final:
+        final.copy_(acc)
+    return final.transpose(1, 2)
 
 
 def _fused_blocked(state, query, key, value, attention_mask, scaling, index_q, pos_q, pos_k) -> torch.Tensor:

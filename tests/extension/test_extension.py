@@ -122,14 +122,18 @@ def test_self_extend_long_path_machinery(arch, impl):
     torch.testing.assert_close(steps[0], full[:, 59], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("core", ["fused", "reference"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @torch.no_grad()
-def test_self_extend_matches_the_formula():
+def test_self_extend_matches_the_formula(impl, core):
     """One attention layer recomputed from scratch: neighbours at exact positions, the rest at
     query ``i // g + window - window // g`` and key ``j // g``, merged by distance, one softmax."""
     from transformers.models.llama.modeling_llama import rotate_half
 
     group, n = 4, 50
-    model = extend_context(_model("llama", "eager"), "self_extend", factor=group, window=WINDOW)
+    model = extend_context(_model("llama", impl), "self_extend", factor=group, window=WINDOW)
+    for state in self_extend_states(model):
+        state.impl = core
     attn = model.model.layers[1].self_attn
     seen = {}
     attn.register_forward_hook(
@@ -155,6 +159,7 @@ def test_self_extend_matches_the_formula():
     out = torch.softmax(scores, dim=-1) @ v
     expected = attn.o_proj(out.transpose(1, 2).reshape(1, n, -1))
     torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-4)
+    assert self_extend_states(model)[1].path_counts[core] == 1
 
 
 def test_self_extend_with_seal_on_top_trains():

@@ -130,9 +130,10 @@ def test_grouping_matters_at_the_window_edge():
     ``window`` (and ``window - 1``) differs from its exact score when the group does not divide the window."""
     q, k, v, attn, pos, _ = _inputs(1, 4, 4, 100, 100)
     base, _ = _attend("fused", q, k, v, attn, pos, 7, 1)  # group 1: grouped == exact, plain causal attention
-    plain = torch.softmax(
-        (q @ k.transpose(2, 3)) * 0.25 + torch.full((100, 100), float("-inf")).triu(1), dim=-1
-    ) @ v
+    plain = (
+        torch.softmax((q @ k.transpose(2, 3)) * 0.25 + torch.full((100, 100), float("-inf")).triu(1), dim=-1)
+        @ v
+    )
     assert (base - plain.transpose(1, 2)).abs().max() <= TOL
     grouped, _ = _attend("fused", q, k, v, attn, pos, 7, 3)
     assert torch.equal(grouped[:, :7], base[:, :7])  # inside the window: neighbours only
@@ -248,8 +249,8 @@ def test_fused_generate_left_padding_and_beams_match_reference(arch):
 
 @torch.no_grad()
 def test_grouped_key_cache_follows_cache_changes():
-    """Reordering (beam search), cropping, a second cache, an in-place write: the grouped keys of the
-    previous step are not reused then, and every step equals the reference."""
+    """Reordering (beam search), cropping, a second cache, an in-place write, jumping positions: the
+    grouped keys of the previous step are not reused then, and every step equals the reference."""
     ref, fused = _extended("mistral", "reference"), _extended("mistral", "fused")
     ids = _ids(70, batch=2, seed=2)
 
@@ -259,9 +260,12 @@ def test_grouped_key_cache_follows_cache_changes():
     caches = both(lambda m: m(input_ids=ids[:, :50], use_cache=True).past_key_values)
     others = both(lambda m: m(input_ids=ids.flip(0)[:, :52], use_cache=True).past_key_values)
 
-    def step(t, cs, token=None):
+    def step(t, cs, token=None, **kwargs):
         token = ids[:, t : t + 1] if token is None else token
-        outs = [m(input_ids=token, past_key_values=c, use_cache=True).logits for m, c in zip((ref, fused), cs)]
+        outs = [
+            m(input_ids=token, past_key_values=c, use_cache=True, **kwargs).logits
+            for m, c in zip((ref, fused), cs)
+        ]
         assert (outs[0] - outs[1]).abs().max() <= TOL, t
         return outs[1]
 
@@ -281,7 +285,31 @@ def test_grouped_key_cache_follows_cache_changes():
         c.layers[0].keys.mul_(1.5)  # an in-place change of the stored keys
     step(58, caches)
     step(59, caches)
+    # positions that jump (every key's position, hence its grouped rotation, moves with the last query's)
+    length = caches[0].get_seq_length()
+    step(60, caches, position_ids=torch.full((2, 1), length + 7))
     assert _counts(fused).get("grouped_keys_reused", 0) > reused
+
+
+def test_grouped_key_capture_must_match_the_keys():
+    """A capture is used only by the call whose keys the captured cache layer holds."""
+    from transformers import DynamicCache
+
+    from seal_peft.extension.self_extend import _GroupedKeyCache
+
+    cache = DynamicCache()
+    cache.update(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), 0)
+    store = _GroupedKeyCache()
+    store.capture(cache, 0)
+    assert store.take(cache.layers[0].keys.clone()) == (None, None)  # equal values, another tensor
+    assert store.current is None  # a capture is used at most once
+    store.capture(cache, 0)
+    layer, entry = store.take(cache.layers[0].keys)
+    assert layer is cache.layers[0] and entry is None  # no grouped keys stored yet
+    store.capture(None, 0)
+    assert store.take(cache.layers[0].keys) == (None, None)
+    store.capture(cache, 3)  # no such layer
+    assert store.current is None
 
 
 @pytest.mark.slow
