@@ -1,25 +1,26 @@
 """Evaluation throughput: where an evaluation's time goes, and how close it comes to the prefill floor.
 
 The floor is reading each prompt once: ``model(input_ids, logits_to_keep=1)`` per prompt under
-``torch.inference_mode()``. Against it, on the same line-retrieval records (one fresh model, all
-variants interleaved in rotating order, so a shared machine's drift hits every variant alike):
+``torch.inference_mode()``. Against it, on the same line-retrieval records and the same model:
 
 - ``evaluator``: :func:`seal_peft.evaluation.generate_answers` as shipped (batch 1, KV room reserved);
 - ``loop-concat``: the same loop with transformers' concatenating ``DynamicCache`` (the loop before
-  this benchmark; every decode step copies every layer's cache);
+  this benchmark: every decode step copies every layer's whole cache);
 - ``generate``: the same answers through ``model.generate`` with a stopping criterion
   (:func:`seal_peft.evaluation.hf_generate.generate_answers_hf`);
 - ``batched``: ``generate_answers(batch_size=--batch-size)`` (left padded; only with ``--batch-size``).
 
-Every variant's answers are compared with the evaluator's (printed; tokens must be identical for the
-batch-1 variants, the batched one may differ where padding changes the rounding). One instrumented
-evaluator run then splits the time into prefill forwards, decode forwards (count x per-token cost),
-tokenizer decoding and the rest (the loop's Python). Printed ratios: each variant / floor (median
-[min-max] of the per-repeat ratio), generate / evaluator, and what the evaluator would cost with free
-decoding.
+The variants are interleaved per record (per chunk of ``--batch-size`` records when the batched
+variant runs), in rotating order, so a shared machine's load changes hit all of them alike; a
+variant's time in a repeat is its sum over the records. Forward hooks on the transformers model
+split every variant's time into prefill forwards and decode forwards (steps x per-step cost); the
+evaluator's tokenizer calls are timed too, the rest is the loop's Python. Printed: each variant /
+floor and / evaluator (median [min-max] of the per-repeat ratios), ``model.generate`` / custom loop,
+whether each variant gave the evaluator's answers, the evaluator's breakdown, and what it would cost
+with free decoding.
 
     python benchmarks/eval_throughput.py --model smollm2 --dtype float32 --length 2048 --samples 6 \\
-        --threads 2 --repeats 3 --adapter runs/le_c --json results/benchmarks/eval_throughput.json
+        --threads 1 --repeats 2 --adapter runs/le_c --json results/benchmarks/eval_throughput.json
 """
 
 from __future__ import annotations
@@ -83,27 +84,23 @@ def make_records(tok: Any, args: argparse.Namespace) -> list[dict]:
     return [ds[i] for i in range(len(ds))]
 
 
-def floor_fn(model: torch.nn.Module, records: list[dict]) -> Callable[[], list]:
+def floor_fn(model: torch.nn.Module, tok: Any, records: list[dict]) -> list:
     """The floor: each prompt read once, last-position logits only."""
-    prompts = [torch.tensor([r["input_ids"][: r["prompt_length"]]]) for r in records]
-
-    def run() -> list:
-        with torch.inference_mode():
-            for ids in prompts:
-                model(ids, logits_to_keep=1)
-        return []
-
-    return run
+    with torch.inference_mode():
+        for r in records:
+            model(torch.tensor([r["input_ids"][: r["prompt_length"]]]), logits_to_keep=1)
+    return []
 
 
-def variant_fns(model, tok, records, args) -> dict[str, Callable[[], list[str]]]:
+def variant_fns(args: argparse.Namespace) -> dict[str, Callable[[Any, Any, list[dict]], list[str]]]:
+    """``name -> fn(model, tokenizer, records) -> answers`` for the requested variants."""
     from seal_peft.evaluation import generate_answers
     from seal_peft.evaluation import generation as gen
     from seal_peft.evaluation.hf_generate import generate_answers_hf
 
     kw = {"max_new_tokens": args.max_new_tokens, "progress": False}
 
-    def loop_concat() -> list[str]:
+    def loop_concat(model, tok, records) -> list[str]:
         reserve = gen.reserve_kv_room
         gen.reserve_kv_room = lambda cache, room: 0  # the loop as it was: DynamicCache concatenates
         try:
@@ -111,22 +108,25 @@ def variant_fns(model, tok, records, args) -> dict[str, Callable[[], list[str]]]
         finally:
             gen.reserve_kv_room = reserve
 
+    def batched(model, tok, records) -> list[str]:
+        return generate_answers(model, tok, records, batch_size=args.batch_size, **kw)
+
     fns = {
-        "floor": floor_fn(model, records),
-        "evaluator": lambda: generate_answers(model, tok, records, **kw),
+        "floor": floor_fn,
+        "evaluator": lambda model, tok, records: generate_answers(model, tok, records, **kw),
         "loop-concat": loop_concat,
-        "generate": lambda: generate_answers_hf(model, tok, records, **kw),
+        "generate": lambda model, tok, records: generate_answers_hf(model, tok, records, **kw),
+        "batched": batched,
     }
-    if args.batch_size > 1:
-        fns["batched"] = lambda: generate_answers(model, tok, records, batch_size=args.batch_size, **kw)
-    return {k: v for k, v in fns.items() if k in args.variants}
+    names = [n for n in args.variants if n != "batched" or args.batch_size > 1]
+    return {n: fns[n] for n in names}
 
 
 class _TimedTokenizer:
     """Delegates to a tokenizer and times its ``decode`` calls."""
 
     def __init__(self, tok: Any) -> None:
-        self._tok, self.seconds, self.calls = tok, 0.0, 0
+        self._tok, self.seconds = tok, 0.0
 
     def decode(self, *a: Any, **k: Any) -> str:
         t0 = time.perf_counter()
@@ -134,64 +134,99 @@ class _TimedTokenizer:
             return self._tok.decode(*a, **k)
         finally:
             self.seconds += time.perf_counter() - t0
-            self.calls += 1
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tok, name)
 
 
-def breakdown(model, tok, records, args) -> dict[str, Any]:
-    """One evaluator run, timed by part: prefill forwards, decode forwards, tokenizer decode, the rest."""
-    from seal_peft.evaluation.generation import generate_answer_tokens
-    from seal_peft.tuner.utils import get_base_model
+class ForwardMeter:
+    """Forward hooks on the transformers model: seconds, calls and tokens of prefill forwards (more
+    than one new token per row) and decode forwards (one), summed under the current ``label``."""
 
-    inner = get_base_model(model)  # the transformers model: its forward runs once per prefill / step
-    parts = {"prefill": [0.0, 0, 0], "decode": [0.0, 0, 0]}  # seconds, calls, tokens
-    start: list[float] = []
+    def __init__(self, model: torch.nn.Module) -> None:
+        from seal_peft.tuner.utils import get_base_model
 
-    def pre(module, a, k):
-        start.append(time.perf_counter())
+        inner = get_base_model(model)  # its forward runs once per prefill / step, in every variant
+        self.label = ""
+        self.parts: dict[str, dict[str, list[float]]] = {}
+        self._start: list[float] = []
+        self._handles = [
+            inner.register_forward_pre_hook(self._pre, with_kwargs=True),
+            inner.register_forward_hook(self._post, with_kwargs=True),
+        ]
 
-    def post(module, a, k, out):
-        ids = k.get("input_ids", a[0] if a else None)
+    def _pre(self, module, args, kwargs) -> None:
+        self._start.append(time.perf_counter())
+
+    def _post(self, module, args, kwargs, out) -> None:
+        elapsed = time.perf_counter() - self._start.pop()
+        ids = kwargs.get("input_ids", args[0] if args else None)
         n = int(ids.shape[-1]) if ids is not None else 0
-        part = parts["decode" if n == 1 else "prefill"]
-        part[0] += time.perf_counter() - start.pop()
+        kind = "decode" if n == 1 else "prefill"
+        part = self.parts.setdefault(self.label, {}).setdefault(kind, [0.0, 0, 0])
+        part[0] += elapsed
         part[1] += 1
-        part[2] += n * int(ids.shape[0]) if ids is not None else 0
+        part[2] += n * (int(ids.shape[0]) if ids is not None else 0)
 
-    timed_tok = _TimedTokenizer(tok)
-    handles = [
-        inner.register_forward_pre_hook(pre, with_kwargs=True),
-        inner.register_forward_hook(post, with_kwargs=True),
-    ]
-    try:
-        t0 = time.perf_counter()
-        tokens = generate_answer_tokens(
-            model, timed_tok, records, max_new_tokens=args.max_new_tokens, progress=False
-        )
-        outputs = [
-            timed_tok.decode(t, skip_special_tokens=True).strip() for t in tokens
-        ]  # as generate_answers
-        total = time.perf_counter() - t0
-    finally:
-        for h in handles:
+    def take(self, label: str) -> dict[str, list[float]]:
+        return self.parts.pop(label, {})
+
+    def close(self) -> None:
+        for h in self._handles:
             h.remove()
-    new_tokens = [len(t) for t in tokens]
-    rest = total - parts["prefill"][0] - parts["decode"][0] - timed_tok.seconds
+
+
+def measure(model, tok, records, fns, args) -> dict[str, Any]:
+    """Run every variant ``--repeats`` times, interleaved per record chunk; times, parts and answers."""
+    names = list(fns)
+    size = max(args.batch_size, 1) if "batched" in names else 1
+    chunks = [records[i : i + size] for i in range(0, len(records), size)]
+    meter, timed_tok = ForwardMeter(model), _TimedTokenizer(tok)
+    outputs: dict[str, list[str]] = {n: [] for n in names}
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    forward: dict[str, list[dict]] = {n: [] for n in names}
+    tokenizer_s: list[float] = []
+    record_steps: list[int] = []  # the evaluator's decode steps per chunk (first repeat)
+    try:
+        for rep in range(args.repeats):
+            total = dict.fromkeys(names, 0.0)
+            timed_tok.seconds = 0.0
+            for c, chunk in enumerate(chunks):
+                k = (rep + c) % len(names)
+                for name in names[k:] + names[:k]:
+                    meter.label = name
+                    before = meter.parts.get(name, {}).get("decode", [0.0, 0, 0])[1]
+                    t0 = time.perf_counter()
+                    out = fns[name](model, timed_tok if name == "evaluator" else tok, chunk)
+                    total[name] += time.perf_counter() - t0
+                    if rep == 0:
+                        outputs[name] += out
+                        if name == "evaluator":
+                            after = meter.parts.get(name, {}).get("decode", [0.0, 0, 0])[1]
+                            record_steps.append(int(after - before))
+            for n in names:
+                seconds[n].append(total[n])
+                forward[n].append(meter.take(n))
+            tokenizer_s.append(timed_tok.seconds)
+            print(
+                f"  repeat {rep + 1}: " + ", ".join(f"{n} {seconds[n][-1]:.2f}s" for n in names), flush=True
+            )
+    finally:
+        meter.close()
+
+    def part(n: str, kind: str, i: int) -> float:
+        return sum(f.get(kind, [0.0, 0, 0])[i] for f in forward[n]) / args.repeats  # mean per repeat
+
     return {
-        "total_s": total,
-        "prefill_s": parts["prefill"][0],
-        "prefill_calls": parts["prefill"][1],
-        "prefill_tokens": parts["prefill"][2],
-        "decode_s": parts["decode"][0],
-        "decode_steps": parts["decode"][1],
-        "decode_s_per_step": parts["decode"][0] / max(parts["decode"][1], 1),
-        "tokenizer_decode_s": timed_tok.seconds,
-        "tokenizer_decode_calls": timed_tok.calls,
-        "rest_s": rest,
-        "answer_tokens_per_record": new_tokens,
         "outputs": outputs,
+        "seconds": seconds,
+        "tokenizer_s": sum(tokenizer_s) / args.repeats,
+        "prefill_s": {n: part(n, "prefill", 0) for n in names},
+        "prefill_calls": {n: part(n, "prefill", 1) for n in names},
+        "prefill_tokens": {n: part(n, "prefill", 2) for n in names},
+        "decode_s": {n: part(n, "decode", 0) for n in names},
+        "decode_steps": {n: part(n, "decode", 1) for n in names},
+        "decode_steps_per_chunk": record_steps,
     }
 
 
@@ -206,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-seed", type=int, default=1, help="seed of the records (1: not the training seed)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="None: each record's default cap")
     p.add_argument("--batch-size", type=int, default=0, help="> 1 adds the batched variant")
-    p.add_argument("--variants", default="floor,evaluator,loop-concat,generate,batched")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -218,12 +253,14 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"unknown variant {v!r}; choose from {','.join(VARIANTS)}")
     if "floor" not in args.variants or "evaluator" not in args.variants:
         p.error("--variants must include floor and evaluator (the ratios are taken against them)")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, tok, desc = load(args)
     records = make_records(tok, args)
-    fns = variant_fns(model, tok, records, args)
+    fns = variant_fns(args)
     names = list(fns)
     record: dict[str, Any] = {
         "args": vars(args),
@@ -233,21 +270,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"# evaluation throughput ({record['machine']})")
     print(f"{desc}, {args.dtype}; {len(records)} records, prompt tokens {record['prompt_tokens']}")
-
-    outputs: dict[str, list[str]] = {}
-    seconds: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(args.repeats):
-        order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate who goes first
-        for name in order:
-            t0 = time.perf_counter()
-            out = fns[name]()
-            seconds[name].append(time.perf_counter() - t0)
-            if name != "floor":
-                outputs.setdefault(name, out)
-        print(f"  repeat {rep + 1}: " + ", ".join(f"{n} {seconds[n][-1]:.2f}s" for n in names), flush=True)
-
-    same = {n: outputs[n] == outputs["evaluator"] for n in outputs if n != "evaluator"}
-    ratios = {
+    m = measure(model, tok, records, fns, args)
+    seconds, outputs = m["seconds"], m["outputs"]
+    same = {n: outputs[n] == outputs["evaluator"] for n in names if n not in ("floor", "evaluator")}
+    vs_floor = {
         n: summarize([a / b for a, b in zip(seconds[n], seconds["floor"])]) for n in names if n != "floor"
     }
     vs_eval = {
@@ -255,63 +281,80 @@ def main(argv: list[str] | None = None) -> dict:
         for n in names
         if n not in ("floor", "evaluator")
     }
-    parts = breakdown(model, tok, records, args)
-    floor_med = summarize(seconds["floor"])["median"]
-    record.update(
-        seconds={n: summarize(v) for n, v in seconds.items()},
-        seconds_all=seconds,
-        ratio_vs_floor=ratios,
-        ratio_vs_evaluator=vs_eval,
-        same_answers_as_evaluator=same,
-        breakdown=parts,
-        outputs=outputs["evaluator"],
-    )
+    steps, dec_s = m["decode_steps"], m["decode_s"]
+    step_ms = {n: 1e3 * dec_s[n] / steps[n] if steps[n] else None for n in names}
+
     print(
-        f"\n## seconds for all {len(records)} records: median [min-max] of {args.repeats} interleaved repeats"
+        f"\n## all {len(records)} records: median [min-max] of {args.repeats} repeats, interleaved per record"
     )
     print(
         markdown_table(
-            ["variant", "seconds", "/ floor", "/ evaluator", "same answers as evaluator"],
+            ["variant", "seconds", "/ floor", "/ evaluator", "prefill s", "decode steps", "ms / step",
+             "same answers"],
             [
-                [
-                    n,
-                    fmt_s(summarize(seconds[n])),
-                    "-" if n == "floor" else fmt_ratio(ratios[n]),
-                    fmt_ratio(vs_eval[n]) if n in vs_eval else "-",
-                    "-" if n == "floor" else ("yes" if n == "evaluator" else ("yes" if same[n] else "NO")),
-                ]
+                [n, fmt_s(summarize(seconds[n])), "-" if n == "floor" else fmt_ratio(vs_floor[n]),
+                 fmt_ratio(vs_eval[n]) if n in vs_eval else "-", f"{m['prefill_s'][n]:.2f}",
+                 f"{steps[n]:.0f}", "-" if step_ms[n] is None else f"{step_ms[n]:.1f}",
+                 "-" if n == "floor" else ("(reference)" if n == "evaluator" else ("yes" if same[n] else "NO"))]
                 for n in names
             ],
         )
-    )
+    )  # fmt: skip
     if "generate" in vs_eval:
         print(f"\nmodel.generate / custom loop: {fmt_ratio(vs_eval['generate'])}")
-    print(f"evaluator / floor: {fmt_ratio(ratios['evaluator'])} (goal <= 1.15)")
-    b = parts
-    print("\n## where one evaluator run's time goes")
+    if "loop-concat" in vs_eval:
+        print(f"concatenating cache / KV room (whole evaluation): {fmt_ratio(vs_eval['loop-concat'])}")
+    print(f"evaluator / floor: {fmt_ratio(vs_floor['evaluator'])} (goal <= 1.15)")
+
+    # where the evaluator's time goes (means over its timed runs)
+    floor_s = sum(seconds["floor"]) / args.repeats
+    total = sum(seconds["evaluator"]) / args.repeats
+    prefill, decode, tok_s = m["prefill_s"]["evaluator"], dec_s["evaluator"], m["tokenizer_s"]
+    rest = total - prefill - decode - tok_s
+    per_record = m["decode_steps_per_chunk"]
+    ms = step_ms["evaluator"] or 0.0
+    b = {
+        "total_s": total,
+        "floor_s": floor_s,
+        "prefill_s": prefill,
+        "prefill_calls": m["prefill_calls"]["evaluator"],
+        "prefill_tokens": m["prefill_tokens"]["evaluator"],
+        "decode_s": decode,
+        "decode_steps": steps["evaluator"],
+        "decode_ms_per_step": ms,
+        "tokenizer_decode_s": tok_s,
+        "rest_s": rest,
+        "decode_steps_per_chunk": per_record,
+        "free_decode_ratio": (total - decode) / floor_s,
+    }
+    print("\n## where the evaluator's time goes (mean of its timed runs)")
     rows = [
-        [
-            "prefill forwards",
-            f"{b['prefill_s']:.2f}",
-            f"{b['prefill_calls']} calls, {b['prefill_tokens']} tokens",
-        ],
-        [
-            "decode forwards",
-            f"{b['decode_s']:.2f}",
-            f"{b['decode_steps']} steps x {b['decode_s_per_step'] * 1e3:.1f} ms",
-        ],
-        ["tokenizer decode", f"{b['tokenizer_decode_s']:.3f}", f"{b['tokenizer_decode_calls']} calls"],
-        ["the rest (loop Python, argmax, masks)", f"{b['rest_s']:.3f}", ""],
-        ["total", f"{b['total_s']:.2f}", f"answer tokens per record {b['answer_tokens_per_record']}"],
-    ]
-    print(markdown_table(["part", "seconds", "detail"], rows))
-    free = (b["total_s"] - b["decode_s"]) / floor_med
+        ["prefill forwards", f"{prefill:.2f}", f"{b['prefill_calls']:.0f} calls, {b['prefill_tokens']:.0f} tokens",
+         f"{prefill / floor_s:.3f}"],
+        ["decode forwards", f"{decode:.2f}", f"{b['decode_steps']:.0f} steps x {ms:.1f} ms", f"{decode / floor_s:.3f}"],
+        ["tokenizer decode", f"{tok_s:.3f}", "", f"{tok_s / floor_s:.4f}"],
+        ["the rest (loop Python, argmax, masks)", f"{rest:.3f}", "", f"{rest / floor_s:.4f}"],
+        ["total", f"{total:.2f}", "", f"{total / floor_s:.3f}"],
+    ]  # fmt: skip
+    print(markdown_table(["part", "seconds", "detail", "/ floor"], rows))
     print(
-        f"\nwith free decoding the evaluator would be {free:.3f} x floor; the decode steps alone add "
-        f"{b['decode_s'] / floor_med:.3f} x floor ({b['decode_steps']} steps = "
-        f"{b['decode_steps'] / len(records):.1f} per record)"
+        f"\nwith free decoding the evaluator would be {b['free_decode_ratio']:.3f} x floor; the decode steps add "
+        f"{decode / floor_s:.3f} x floor ({b['decode_steps'] / len(records):.1f} steps per record; per "
+        f"{'chunk' if len(per_record) != len(records) else 'record'} {per_record}: the answer's tokens after the first, "
+        "plus the step that yields EOS)"
     )
-    record["free_decode_ratio"] = free
+    record.update(
+        seconds={n: summarize(v) for n, v in seconds.items()},
+        seconds_all=seconds,
+        ratio_vs_floor=vs_floor,
+        ratio_vs_evaluator=vs_eval,
+        same_answers_as_evaluator=same,
+        prefill_s=m["prefill_s"],
+        decode_steps=steps,
+        decode_ms_per_step=step_ms,
+        breakdown=b,
+        outputs=outputs["evaluator"],
+    )
     write_json(args.json, record)
     return record
 

@@ -239,7 +239,8 @@ def test_eval_throughput_benchmark_tiny(tmp_path, capsys):
     )
     b = saved["breakdown"]
     assert b["prefill_calls"] == 2 and b["decode_steps"] == 2 * 3  # 4 tokens: 1 from the prefill, 3 steps
-    assert b["answer_tokens_per_record"] == [4, 4]
+    assert b["decode_steps_per_chunk"] == [6]  # one chunk of --batch-size 2 records
+    assert record["decode_steps"]["batched"] == 3 and record["decode_ms_per_step"]["floor"] is None
 
 
 def test_training_floor_scalar_is_the_only_trainable_parameter():
