@@ -106,7 +106,8 @@ def _speed_prompt(spec: dict, model):
         from seal_peft.models import load_tokenizer
 
         tok = load_tokenizer(None if spec["model"] == "smollm2" else spec["model"])
-        tok.model_max_length = max(int(spec["length"] * 1.05), getattr(tok, "model_max_length", 0) or 0)
+        current, needed = getattr(tok, "model_max_length", 0) or 0, int(spec["length"] * 1.05)
+        tok.model_max_length = needed if current > 10**7 else max(needed, current)  # past 8K on purpose
         row = line_retrieval(
             tok,
             num_samples=1,
@@ -149,18 +150,20 @@ def speed_worker(spec: dict) -> dict:
             result["new_tokens"] = out[0, ids.shape[1] :].tolist()
         else:
             with PeakMemory(torch.device("cpu")) as mem:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 out = model(ids, use_cache=True, logits_to_keep=1)
                 result["prefill_s"] = time.perf_counter() - start
+                result["prefill_cpu_s"] = time.process_time() - cpu  # all threads; less sensitive to load
                 result["peak_mib"] = mem.peak_mib()
                 result["peak_exact"] = mem.exact
-            cache, token, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+            cache, token, steps, cpus = out.past_key_values, out.logits[:, -1:].argmax(-1), [], []
             for _ in range(spec.get("decode_tokens", 0)):
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 out = model(token, past_key_values=cache, use_cache=True)
                 steps.append(time.perf_counter() - start)
+                cpus.append(time.process_time() - cpu)
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            result["decode_s"] = steps
+            result["decode_s"], result["decode_cpu_s"] = steps, cpus
     if spec["variant"] != "base":
         from seal_peft.extension import self_extend_states
 
@@ -246,6 +249,12 @@ def speed_main(args) -> dict:
             row[f"{v}_decode_ratio"] = _median(
                 [_median(r["decode_s"]) / _median(b["decode_s"]) for r, b in pairs if r["decode_s"]]
             )
+            row[f"{v}_prefill_cpu_ratio"] = _median(
+                [r["prefill_cpu_s"] / b["prefill_cpu_s"] for r, b in pairs]
+            )
+            row[f"{v}_decode_cpu_ratio"] = _median(
+                [_median(r["decode_cpu_s"]) / _median(b["decode_cpu_s"]) for r, b in pairs if r["decode_s"]]
+            )
         rows.append(row)
     report["summary"] = rows
     check = None
@@ -286,6 +295,13 @@ def speed_main(args) -> dict:
             f"{r['base_peak_mib']:>13.0f} {r['fused_peak_mib']:>6.0f} {r['reference_peak_mib']:>6.0f} | "
             f"{r['base_decode_ms']:>14.1f} {r['fused_decode_ms']:>6.1f} {r['reference_decode_ms']:>6.1f} | "
             f"{r['fused_decode_ratio']:>10.3f} {r['reference_decode_ratio']:>8.3f}"
+        )
+    print("CPU-time ratios (process time of all threads; less sensitive to other load than wall time):")
+    for r in rows:
+        print(
+            f"{r['length']:>7} | prefill fused/base {r['fused_prefill_cpu_ratio']:.3f}, ref/base "
+            f"{r['reference_prefill_cpu_ratio']:.3f} | decode fused/base {r['fused_decode_cpu_ratio']:.3f}, "
+            f"ref/base {r['reference_decode_cpu_ratio']:.3f}"
         )
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
