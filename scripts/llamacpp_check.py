@@ -103,6 +103,11 @@ def run_llamacpp(args) -> None:
     import llama_cpp
     import numpy as np
 
+    def logits(llm) -> np.ndarray:
+        """The logits of the last evaluated token (llama-cpp-python >= 0.3 keeps them in the context only)."""
+        pointer = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),)).astype(np.float32)
+
     work = Path(args.work)
     data = json.loads((work / "prompts.json").read_text())
     eos = set(data["eos"])
@@ -121,10 +126,10 @@ def run_llamacpp(args) -> None:
             same_tokens = llm.tokenize(p["text"].encode("utf-8"), add_bos=False, special=True) == ids
             llm.reset()
             llm.eval(ids)
-            last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32).tolist()
+            last = logits(llm).tolist()
             generated = []
             for _ in range(MAX_NEW_TOKENS):  # greedy: the arg-max of the logits llama.cpp computed
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                token = int(np.argmax(logits(llm)))
                 if token in eos or token == llm.token_eos():
                     break
                 generated.append(token)
@@ -178,7 +183,8 @@ def report(args) -> None:
     record = {
         "command": "bash scripts/test-llamacpp.sh",
         "adapter": data["adapter"],
-        "export": data["export"],
+        "export": {k: v for k, v in data["export"].items() if k != "re_encoded"}
+        | {"re_encoded_tensors": len(data["export"]["re_encoded"])},
         "prompts": n,
         "lengths": sorted({p["length"] for p in prompts}),
         "llama_cpp_python": lc["llama_cpp_version"],
@@ -202,6 +208,22 @@ def report(args) -> None:
             for p, r, b in zip(prompts, runs["export"]["runs"], runs["base"]["runs"])
         ],
     }
+    # the same prompts in the committed benchmark record of this adapter (transformers, fp32, unmerged)
+    for path in sorted(Path("results/line_retrieval").glob("*.json")):
+        bench = json.loads(path.read_text())
+        if os.path.normpath(bench.get("args", {}).get("save_adapter") or "") != os.path.normpath(data["adapter"]):
+            continue
+        by_key = {s["key"]: s for s in bench["samples"].get("longeval", [])}
+        found = [by_key.get(p["key"]) for p in prompts]
+        if all(f is not None and f["answer"] == p["answer"] for f, p in zip(found, prompts)):
+            record["benchmark_record"] = {
+                "path": str(path),
+                "accuracy (transformers fp32, adapter unmerged)": sum(f["correct"] for f in found) / n,
+                "same_answer_as_llama_cpp_export": (
+                    f"{sum(last_integer(f['output']) == last_integer(r['text']) for f, r in zip(found, runs['export']['runs']))}/{n}"
+                ),
+            }
+        break
     print(json.dumps({k: v for k, v in record.items() if k != "outputs"}, indent=1))
     if args.record:
         Path(args.record).parent.mkdir(parents=True, exist_ok=True)
