@@ -436,7 +436,7 @@ def _grouped_keys(state, key, pos_k, k_end):
         entry.buf, entry.n, entry.settings, entry.offset = None, 0, settings, offset.clone()
     if start < k_end:
         if entry.buf is None or entry.buf.shape[2] < k_end:
-            grown = key.new_empty(*key.shape[:2], k_end + max(256, k_end // 4), key.shape[3])
+            grown = key.new_empty(*key.shape[:2], k_end + max(256, k_end // 16), key.shape[3])
             if start:
                 grown[:, :, :start] = entry.buf[:, :, :start]
             entry.buf = grown
@@ -482,47 +482,53 @@ def _fused_decode(state, query, key, value, attention_mask, scaling, pos_q, pos_
 
 def _fused_prefill(state, query, key, value, scaling, pos_q, pos_k) -> torch.Tensor:
     """Causal prefill without a mask (queries = keys = [0, L), L > window). Returns (B, H, L, D), a view of
-    a (B, L, H, D) buffer (the layout transformers wants next)."""
+    a (B, L, H, D) buffer (the layout transformers wants next). The passes run one after the other and are
+    merged into that buffer as they finish, so at most about four (B, H, L, D) buffers are alive."""
     batch, heads, length, dim = query.shape
     w = state.window
     nb, tail = divmod(length, w)
     dtype, device = query.dtype, query.device
+    # far keys, grouped positions: query i sees keys j <= i - w, i.e. causal between [w, L) and [0, L - w)
+    qg, kg = _grouped_rotations(state, query, key, pos_q, pos_k, slice(w, length), length - w)
+    og, lg = _flash(qg, kg, value[:, :, : length - w], scaling, causal=True)  # rows w.. of the output
+    del qg, kg
+    # neighbour keys in the query's own block: causal (all blocks in one call, as batch entries)
+    od, ld = _flash(_blocks(query, nb, w), _blocks(key, nb, w), _blocks(value, nb, w), scaling, causal=True)
+    od, ld = od.unflatten(0, (batch, nb)), ld.unflatten(0, (batch, nb))  # (B, nb, H, w, D), (B, nb, H, w)
     final = torch.empty(batch, length, heads, dim, dtype=value.dtype, device=device)
     acc = (
         final
         if value.dtype == torch.float32
         else torch.empty(final.shape, dtype=torch.float32, device=device)
     )
-    # (B, nb, H, w, D) view of the full blocks of the output
-    acc5 = acc[:, : nb * w].unflatten(1, (nb, w)).transpose(2, 3)
-    # neighbour keys in the query's own block: causal
-    od, ld = _flash(_blocks(query, nb, w), _blocks(key, nb, w), _blocks(value, nb, w), scaling, causal=True)
-    od, ld = od.unflatten(0, (batch, nb)), ld.unflatten(0, (batch, nb))  # (B, nb, H, w, D), (B, nb, H, w)
+    acc5 = acc[:, : nb * w].unflatten(1, (nb, w)).transpose(2, 3)  # (B, nb, H, w, D) view
     acc5[:, 0] = od[:, 0]  # the first block has neither earlier neighbours nor far keys
-    # far keys, grouped positions: query i sees keys j <= i - w, i.e. causal between [w, L) and [0, L - w)
-    qg, kg = _grouped_rotations(state, query, key, pos_q, pos_k, slice(w, length), length - w)
-    og, lg = _flash(qg, kg, value[:, :, : length - w], scaling, causal=True)  # rows w.. of the output
-    del qg, kg
+    far_tail = (og[:, :, (nb - 1) * w :].clone(), lg[:, :, (nb - 1) * w :].clone()) if tail else None
+    if nb > 1:
+        og5 = og[:, :, : (nb - 1) * w].unflatten(2, (nb - 1, w)).transpose(1, 2)
+        lg4 = lg[:, :, : (nb - 1) * w].unflatten(2, (nb - 1, w)).transpose(1, 2)
+        _merge_into(acc5[:, 1:], [(od[:, 1:], ld[:, 1:]), (og5, lg4)])
+        lse = torch.logaddexp(ld[:, 1:], lg4)  # of the keys merged so far
+        del og5, lg4
+    del og, lg, od, ld
     if nb > 1:
         # neighbour keys in the previous block: key c is a neighbour of row r iff c > r. Reversing rows and
         # keys makes that causal (row r' = w-1-r sees key c' = w-1-c iff c' < r': rows 1.. against keys ..w-2)
         qf = _blocks(query[:, :, w:], nb - 1, w).flip(2)[:, :, 1:]
         kf = _blocks(key, nb - 1, w).flip(2)[:, :, : w - 1]
         vf = _blocks(value, nb - 1, w).flip(2)[:, :, : w - 1]
-        o, lse = _flash(qf, kf, vf, scaling, causal=True)
+        o, lo = _flash(qf, kf, vf, scaling, causal=True)
         del qf, kf, vf
         # back in row order; row w-1 of a block has no neighbour in the previous block (weight 0)
         op = o.new_empty(batch, nb - 1, heads, w, dim)
         op[..., : w - 1, :] = o.unflatten(0, (batch, nb - 1)).flip(3)
         op[..., w - 1, :] = 0
-        lp = lse.new_empty(batch, nb - 1, heads, w)
-        lp[..., : w - 1] = lse.unflatten(0, (batch, nb - 1)).flip(3)
+        del o
+        lp = lo.new_empty(batch, nb - 1, heads, w)
+        lp[..., : w - 1] = lo.unflatten(0, (batch, nb - 1)).flip(3)
         lp[..., w - 1] = float("-inf")
-        del o, lse
-        og5 = og[:, :, : (nb - 1) * w].unflatten(2, (nb - 1, w)).transpose(1, 2)
-        lg4 = lg[:, :, : (nb - 1) * w].unflatten(2, (nb - 1, w)).transpose(1, 2)
-        _merge_into(acc5[:, 1:], [(od[:, 1:], ld[:, 1:]), (op, lp), (og5, lg4)])
-        del op, lp
+        _merge_into(acc5[:, 1:], [(acc5[:, 1:], lse), (op, lp)])
+        del op, lp, lse
     if tail:  # the last, partial block: its own keys (causal), the block before (explicit mask), far keys
         t0 = nb * w
         parts = [_flash(query[:, :, t0:], key[:, :, t0:], value[:, :, t0:], scaling, causal=True)]
@@ -531,7 +537,7 @@ def _fused_prefill(state, query, key, value, scaling, pos_q, pos_k) -> torch.Ten
         mask = torch.zeros(tail, w, dtype=dtype, device=device).masked_fill(c <= r, torch.finfo(dtype).min)
         ks = t0 - w
         parts.append(_flash(query[:, :, t0:], key[:, :, ks:t0], value[:, :, ks:t0], scaling, mask=mask))
-        parts.append((og[:, :, ks:], lg[:, :, ks:]))
+        parts.append(far_tail)
         _merge_into(acc[:, t0:].transpose(1, 2), parts)
     if acc is not final:
         final.copy_(acc)
