@@ -18,7 +18,11 @@ def _name(record: dict) -> str:
         return args["peer"]
     if args.get("adapter"):
         return f"adapter {args['adapter']}"
-    return {"none": "base", "head": "SEAL-H", "channel": "SEAL-C"}[args["granularity"]]
+    name = {"none": "base", "head": "SEAL-H", "channel": "SEAL-C"}[args["granularity"]]
+    trained_format = args.get("prompt_format")
+    if args["granularity"] != "none" and trained_format not in (None, "longeval"):
+        name += f" ({trained_format}-format training)"
+    return name
 
 
 def _cell(record: dict, fmt: str, length: str) -> str:
