@@ -68,6 +68,74 @@ def _profile_ops(step) -> dict[str, dict[str, float]]:
     }
 
 
+def scale_input_sharing(model: torch.nn.Module, forward) -> dict[str, int]:
+    """How many SEAL scale ops keep an ``o_proj`` input that attention's backward keeps anyway.
+
+    Runs ``forward()`` (which must return a tensor that requires grad), walks its autograd graph and
+    compares storages: the input saved by each SEAL multiply (``MulBackward0`` whose other factor is
+    a scale vector) against every attention backward's saved tensors. Returns ``{"scale_ops": n,
+    "shared_with_attention": m}``: with SDPA on CPU, ``m = n - 1`` (layer 0's attention needs no
+    backward, so its saved input is SEAL's own).
+    """
+    out = forward()
+    seen, stack, nodes = set(), [out.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        stack.extend(f for f, _ in node.next_functions)
+
+    def saved(node) -> list[torch.Tensor]:
+        tensors = []
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    value = getattr(node, name)
+                except Exception:  # noqa: BLE001 - some saved slots raise once freed / are not tensors
+                    continue
+                if torch.is_tensor(value):
+                    tensors.append(value)
+        return tensors
+
+    attention = {
+        t.untyped_storage().data_ptr()
+        for node in nodes
+        if "attention" in node.name().lower()
+        for t in saved(node)
+    }
+    scales = {id(p) for n, p in model.named_parameters() if "seal_scale" in n}
+
+    def is_scale(node, hops: int = 6) -> bool:
+        """``node`` is a SEAL scale's AccumulateGrad, or a chain of one-input ops (repeat_interleave,
+        casts, views) ending in one."""
+        while node is not None and hops > 0:
+            if id(getattr(node, "variable", None)) in scales:
+                return True
+            inputs = [f for f, _ in node.next_functions if f is not None]
+            if len(inputs) != 1:
+                return False
+            node, hops = inputs[0], hops - 1
+        return False
+
+    scale_inputs = []
+    for node in nodes:
+        # x * s: the scale is the second factor
+        if (
+            node.name() == "MulBackward0"
+            and len(node.next_functions) == 2
+            and is_scale(node.next_functions[1][0])
+        ):
+            this = getattr(node, "_saved_self", None)  # the activation (the scale's gradient needs it)
+            if torch.is_tensor(this) and this.dim() >= 2:
+                scale_inputs.append(this.untyped_storage().data_ptr())
+    return {
+        "scale_ops": len(scale_inputs),
+        "shared_with_attention": sum(p in attention for p in scale_inputs),
+    }
+
+
 def time_group(specs: list[str], length: int, args: argparse.Namespace) -> dict[str, Any]:
     """Build every variant of ``specs`` here, warm each up, then time ``--rounds`` rotating rounds."""
     st = _speed_training()

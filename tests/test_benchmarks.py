@@ -283,3 +283,19 @@ def test_training_floor_timing_worker_subprocess():
     )
     assert [r["variant"] for r in record["rows"]] == ["floor", "seal-h", "seal-c"]
     assert "peak_mib" not in record["rows"][0]
+
+
+@pytest.mark.parametrize("granularity", ["seal-h", "seal-c"])
+def test_seal_input_shares_storage_with_attention_output(granularity):
+    # the scale gradient needs each o_proj input; with SDPA it is the attention output that flash
+    # attention's backward keeps anyway, so it costs no memory (layer 0: no attention backward)
+    from peft import get_peft_model
+
+    common, bench = _load("_common"), _load("training_floor")
+    for attn, shared in (("sdpa", 1), ("eager", 0)):
+        model, _ = common.load_benchmark_model("tiny", torch.float32, attn_implementation=attn)
+        model = get_peft_model(model, common.adapter_config(granularity)).train()
+        ids = torch.randint(3, 500, (1, 24))
+        forward = lambda m=model, ids=ids: m(input_ids=ids, use_cache=False).logits.sum()  # noqa: E731
+        got = bench.scale_input_sharing(model, forward)
+        assert got == {"scale_ops": 2, "shared_with_attention": shared}, attn
