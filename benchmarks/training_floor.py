@@ -13,7 +13,9 @@ Method:
 - **time**: per (length, group) ONE fresh process builds the group's models (``floor``, ``seal-h``,
   ``seal-c``, or their ``+ckpt`` versions; separate copies), warms each up with one step, then runs
   ``--rounds`` rounds of one step per variant in rotating order. A shared machine's drift thus hits
-  all variants of a round alike; the ratio is the median [min-max] of the per-round ratios.
+  all variants of a round alike; the ratio is the median [min-max] of the per-round ratios. The
+  process CPU time of each step is recorded too (``time.process_time``): on a shared machine it does
+  not count the time the process waits for a core, so with one thread it is the steadier measure.
 - **peak memory**: every variant alone in a fresh process (``speed_training.py --worker``, one step,
   no warm-up): the peak resident set size of that step above the loaded model (the kernel's VmHWM,
   reset through /proc/self/clear_refs after loading; ``resource.getrusage`` maxrss where that is
@@ -146,12 +148,16 @@ def time_group(specs: list[str], length: int, args: argparse.Namespace) -> dict[
     for v in variants.values():
         v.step()  # warm-up (allocator, kernels)
     times: dict[str, list[float]] = {s: [] for s in specs}
+    cpu: dict[str, list[float]] = {s: [] for s in specs}  # process CPU time: blind to preemption
     for r in range(args.rounds):
         order = specs[r % len(specs) :] + specs[: r % len(specs)]
         for s in order:
+            cpu0 = time.process_time()
             times[s].append(timed(variants[s].step, device))
+            cpu[s].append(time.process_time() - cpu0)
     result: dict[str, Any] = {
         "times": times,
+        "cpu_times": cpu,
         "saved_for_backward_mib": {s: v.saved_for_backward_mib() for s, v in variants.items()},
         "trainable": {s: v.trainable for s, v in variants.items()},
         "logits_positions": {s: v.inputs.get("logits_to_keep", length) for s, v in variants.items()},
@@ -265,6 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "step_s": summarize(t["times"][s]),
                     "step_s_all": t["times"][s],
                     "step_vs_floor": summarize([a / b for a, b in zip(t["times"][s], t["times"][floor])]),
+                    "cpu_step_s": summarize(t["cpu_times"][s]),
+                    "cpu_step_vs_floor": summarize(
+                        [a / b for a, b in zip(t["cpu_times"][s], t["cpu_times"][floor])]
+                    ),
                     "saved_for_backward_mib": t["saved_for_backward_mib"][s],
                     "loss": t["loss"][s],
                 }
@@ -279,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
                 record["rows"].append(row)
                 print(
                     f"  {s:>12} @ {n:5d}: step {fmt_ms(row['step_s'])} ms, / floor {fmt_ratio(row['step_vs_floor'])}"
+                    f"; CPU time / floor {fmt_ratio(row['cpu_step_vs_floor'])}"
                     + (f", peak +{row['peak_mib']:.0f} MiB" if mem else ""),
                     flush=True,
                 )
@@ -299,10 +310,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(
         markdown_table(
-            ["tokens", "variant", "trainable", "step ms", "step / floor", "peak MiB", "peak / floor",
-             "saved for bwd MiB", "saved / floor"],
+            ["tokens", "variant", "trainable", "step ms", "step / floor", "CPU s / floor", "peak MiB",
+             "peak / floor", "saved for bwd MiB", "saved / floor"],
             [
                 [r["tokens"], r["variant"], r["trainable_params"], fmt_ms(r["step_s"]), fmt_ratio(r["step_vs_floor"]),
+                 fmt_ratio(r["cpu_step_vs_floor"]),
                  "-" if "peak_mib" not in r else f"{r['peak_mib']:.0f}", ratio(r, "peak_vs_floor"),
                  "-" if r["saved_for_backward_mib"] is None else f"{r['saved_for_backward_mib']:.1f}",
                  ratio(r, "saved_vs_floor")]

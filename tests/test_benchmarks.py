@@ -270,6 +270,7 @@ def test_training_floor_benchmark_tiny_in_process(tmp_path, capsys):
     assert set(rows) == {"floor", "seal-h", "seal-c", "floor+ckpt", "seal-h+ckpt", "seal-c+ckpt"}
     assert rows["floor"]["trainable_params"] == 1 and rows["seal-h"]["trainable_params"] == 2 * 4
     assert rows["floor"]["step_vs_floor"]["median"] == 1.0 and rows["seal-c"]["step_s"]["n"] == 2
+    assert rows["floor"]["cpu_step_vs_floor"]["median"] == 1.0 and rows["seal-h"]["cpu_step_s"]["n"] == 2
     assert (
         "peak_vs_floor" in rows["seal-h"] and rows["seal-h"]["saved_vs_floor"] > 0
     )  # in-process peaks: inexact
