@@ -233,6 +233,7 @@ def test_eval_throughput_benchmark_tiny(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert set(saved["seconds"]) == {"floor", "evaluator", "loop-concat", "generate", "batched"}
     assert all(s["n"] == 2 for s in saved["seconds"].values())
+    assert set(saved["cpu_ratio_vs_floor"]) == {"evaluator", "loop-concat", "generate", "batched"}
     # the batch-1 variants give the evaluator's answers (the benchmark reports, the tests elsewhere assert)
     assert (
         record["same_answers_as_evaluator"]["generate"] and record["same_answers_as_evaluator"]["loop-concat"]
