@@ -137,7 +137,9 @@ def speed_worker(spec: dict) -> dict:
     result["load_before"] = os.getloadavg()[0]
     with torch.no_grad():
         model(ids[:, :64], use_cache=True, logits_to_keep=1)  # warm-up: thread pool, allocator
-        if spec.get("generate"):
+        if spec.get("synthetic_cache"):
+            result.update(_decode_on_synthetic_cache(model, spec))
+        elif spec.get("generate"):
             start = time.perf_counter()
             out = model.generate(
                 ids,
@@ -172,6 +174,35 @@ def speed_worker(spec: dict) -> dict:
     return result
 
 
+def _decode_on_synthetic_cache(model, spec: dict) -> dict:
+    """Decode steps after a KV cache of ``length`` random keys/values (no prefill: cheap to repeat). Two
+    untimed steps first (the fused core rotates the cache's keys once, then only new ones)."""
+    import torch
+    from transformers import DynamicCache
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    gen = torch.Generator().manual_seed(spec.get("seed", 0))
+    shape = (1, cfg.num_key_value_heads, spec["length"], head_dim)
+    cache = DynamicCache(config=cfg)
+    for layer in range(cfg.num_hidden_layers):
+        cache.update(
+            torch.randn(shape, generator=gen).to(model.dtype),
+            torch.randn(shape, generator=gen).to(model.dtype),
+            layer,
+        )
+    token, steps, cpus = torch.tensor([[min(1000, cfg.vocab_size - 1)]]), [], []
+    for step in range(2 + spec["decode_tokens"]):
+        position = torch.tensor([[spec["length"] + step]])
+        start, cpu = time.perf_counter(), time.process_time()
+        out = model(token, past_key_values=cache, position_ids=position, use_cache=True)
+        if step >= 2:
+            steps.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - cpu)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return {"decode_s": steps, "decode_cpu_s": cpus}
+
+
 def _run_worker(spec: dict, in_process: bool) -> dict:
     if in_process:
         return speed_worker(spec)
@@ -190,7 +221,7 @@ def _median(values):
 
 def speed_main(args) -> dict:
     """``--speed``: Self-Extend fused vs reference vs base, side by side (see the module docstring)."""
-    lengths = [int(x) for x in _split(args.lengths or "8192,16384")]
+    lengths = [int(x) for x in _split(args.lengths or "8192,16384")] if args.repeats else []
     common = {
         "model": args.model or "smollm2",
         "dtype": args.dtype,
@@ -257,6 +288,49 @@ def speed_main(args) -> dict:
             )
         rows.append(row)
     report["summary"] = rows
+    decode_rows = []
+    for rep in range(args.decode_repeats):
+        for length in [int(x) for x in _split(args.decode_lengths or "")]:
+            for variant in ("base", "fused") if rep % 2 == 0 else ("fused", "base"):
+                spec = {
+                    **common,
+                    "variant": variant,
+                    "length": length,
+                    "repeat": rep,
+                    "synthetic_cache": True,
+                }
+                spec["decode_tokens"] = args.decode_steps
+                run = _run_worker(spec, args.in_process)
+                report["runs"].append(run)
+                print(
+                    f"  decode run {rep} {variant:<6} {length:>6}: {_median(run['decode_s']) * 1e3:7.1f} ms/token "
+                    f"(load {run['load_before']:.1f}->{run['load_after']:.1f})",
+                    flush=True,
+                )
+                write_report(args.out, report)
+    for length in [int(x) for x in _split(args.decode_lengths or "")]:
+        runs = [
+            r for r in report["runs"] if r["spec"].get("synthetic_cache") and r["spec"]["length"] == length
+        ]
+        by = {
+            v: {r["spec"]["repeat"]: r for r in runs if r["spec"]["variant"] == v} for v in ("base", "fused")
+        }
+        pairs = [(by["fused"][k], by["base"][k]) for k in by["fused"] if k in by["base"]]
+        decode_rows.append(
+            {
+                "length": length,
+                "base_decode_ms": _median([_median(b["decode_s"]) * 1e3 for _, b in pairs]),
+                "fused_decode_ms": _median([_median(f["decode_s"]) * 1e3 for f, _ in pairs]),
+                "fused_decode_ratio": _median(
+                    [_median(f["decode_s"]) / _median(b["decode_s"]) for f, b in pairs]
+                ),
+                "fused_decode_cpu_ratio": _median(
+                    [_median(f["decode_cpu_s"]) / _median(b["decode_cpu_s"]) for f, b in pairs]
+                ),
+                "pairs": len(pairs),
+            }
+        )
+    report["decode_summary"] = decode_rows
     check = None
     if args.check_length:
         outs = {}
@@ -277,7 +351,7 @@ def speed_main(args) -> dict:
         report["greedy_check"] = check
     report["seconds"] = round(time.time() - start, 1)
     write_report(args.out, report)
-    first = report["runs"][0]
+    first = report["runs"][0] if report["runs"] else {"model": common["model"], "threads": args.threads}
     print(
         f"\nSelf-Extend (group {args.group}, window {args.window}) vs base SDPA: {first['model']}, {args.dtype}, "
         f"{first['threads']} threads; medians of {args.repeats} interleaved runs ({args.reference_repeats} for the "
@@ -311,6 +385,12 @@ def speed_main(args) -> dict:
         )
         print(
             f"peak memory {b['length']} / {a['length']} tokens ({b['length'] / a['length']:.1f}x): {growth}"
+        )
+    for r in decode_rows:
+        print(
+            f"decode after a {r['length']}-token cache (random keys, {args.decode_steps} steps, {r['pairs']} "
+            f"interleaved pairs): base {r['base_decode_ms']:.1f} ms/token, fused {r['fused_decode_ms']:.1f}; "
+            f"fused/base {r['fused_decode_ratio']:.3f} (CPU time {r['fused_decode_cpu_ratio']:.3f})"
         )
     if check is not None:
         print(
@@ -375,6 +455,15 @@ def main(argv: list[str] | None = None) -> dict:
         help="prompt tokens of the greedy check (0: skip; default 10240)",
     )
     speed.add_argument("--check-tokens", type=int, default=16, help="greedy tokens compared (default 16)")
+    speed.add_argument(
+        "--decode-lengths",
+        default="",
+        help="also time decoding alone after a synthetic KV cache of these lengths (no prefill; e.g. 8192,16384)",
+    )
+    speed.add_argument(
+        "--decode-repeats", type=int, default=4, help="interleaved pairs per decode length (default 4)"
+    )
+    speed.add_argument("--decode-steps", type=int, default=12, help="timed steps per decode run (default 12)")
     speed.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     speed.add_argument("--in-process", action="store_true", help="run everything in this process (tests)")
     speed.add_argument("--speed-worker", default=None, help=argparse.SUPPRESS)
