@@ -199,6 +199,9 @@ class _RoomyLayer(DynamicLayer):
     ``crop`` keeps working (a shorter view, the next update overwrites the stale positions).
     """
 
+    # an update never changes the positions already held (Self-Extend may keep per-position data)
+    seal_append_only = True
+
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
         super().__init__()
         n = keys.shape[-2]

@@ -356,7 +356,8 @@ class _GroupedKeyCache:
     tensor every step, so reuse must be proven: a forward pre-hook (:func:`_capture_cache`) looks at the
     module's transformers ``DynamicLayer`` *before* it is updated; its keys tensor must be the very tensor
     (same object, same in-place version counter) the stored grouped keys were computed from. A
-    ``DynamicLayer`` update only appends (``torch.cat``), so the old keys are then a prefix of the new ones.
+    ``DynamicLayer`` update only appends (``torch.cat``), so the old keys are then a prefix of the new ones;
+    a subclass with ``seal_append_only = True`` promises the same (the evaluator's reserved-room layer).
     Beam-search reordering, cropping, a new cache or any other cache class replace or bypass that tensor and
     the grouped keys are recomputed. Entries live as long as their cache layer (weak keys); never saved.
     """
@@ -384,7 +385,8 @@ class _GroupedKeyCache:
         from transformers.cache_utils import DynamicLayer
 
         layer = layers[layer_idx]
-        if type(layer) is not DynamicLayer:
+        # DynamicLayer's update appends (torch.cat); subclasses must say they keep held positions as they are
+        if type(layer) is not DynamicLayer and not getattr(type(layer), "seal_append_only", False):
             return
         before = layer.keys if getattr(layer, "is_initialized", False) else None
         entry = self.entries.get(layer)

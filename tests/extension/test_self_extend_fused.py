@@ -291,6 +291,27 @@ def test_grouped_key_cache_follows_cache_changes():
     assert _counts(fused).get("grouped_keys_reused", 0) > reused
 
 
+@torch.no_grad()
+def test_grouped_keys_reused_with_reserved_kv_room():
+    """The evaluator's decode loop writes into reserved KV room (``_RoomyLayer``, append-only): the fused
+    core still reuses the grouped keys, and every step equals the reference."""
+    from seal_peft.evaluation.generation import reserve_kv_room
+
+    ref, fused = _extended("mistral", "reference"), _extended("mistral", "fused")
+    ids = _ids(70, batch=2, seed=4)
+    caches = [m(input_ids=ids[:, :50], use_cache=True).past_key_values for m in (ref, fused)]
+    assert all(reserve_kv_room(c, 30) == 2 for c in caches)
+    before = _counts(fused).get("grouped_keys_reused", 0)
+    for t in range(50, 70):
+        a, b = (
+            m(input_ids=ids[:, t : t + 1], past_key_values=c, use_cache=True).logits
+            for m, c in zip((ref, fused), caches)
+        )
+        assert (a - b).abs().max() <= TOL, t
+    assert _counts(fused)["grouped_keys_reused"] - before >= 2 * 18  # both layers, all but the first step
+    assert caches[1].layers[0].keys.data_ptr() == caches[1].layers[0]._key_buffer.data_ptr()  # still in place
+
+
 def test_grouped_key_capture_must_match_the_keys():
     """A capture is used only by the call whose keys the captured cache layer holds."""
     from transformers import DynamicCache
