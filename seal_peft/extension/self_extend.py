@@ -120,19 +120,24 @@ def _self_extend_attention(
     else:
         pos_q = index_q.expand(batch, q_len)
     offset = (kv_len - 1) - pos_q[:, -1:]  # (batch, 1)
-    pos_k = torch.arange(kv_len, device=device)[None, :] - offset  # (batch, kv)
+    # key positions: torch.arange(kv_len) - offset (built only where needed)
     if state.record_positions:
-        _record_positions(state, pos_q, pos_k)
+        _record_positions(state, pos_q, _key_positions(offset, 0, kv_len))
 
     core = _reference_core
     if state.impl == "fused" and _fused_applies(query, key, value, attention_mask, dropout, module):
         if q_len == 1 or _positions_are_offsets(pos_q, index_q, offset, attention_mask):
             core = _fused_core
     _count(state, "fused" if core is _fused_core else "reference")
-    out = core(state, query, key, value, attention_mask, scaling, dropout, module, index_q, pos_q, pos_k)
+    out = core(state, query, key, value, attention_mask, scaling, dropout, module, index_q, pos_q, offset)
     if isinstance(state.grouped_cache, _GroupedKeyCache):
         state.grouped_cache.current = None
     return out.transpose(1, 2).contiguous(), None
+
+
+def _key_positions(offset: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Positions of the cache entries ``[start, end)``: index - the row's offset, (batch, end - start)."""
+    return torch.arange(start, end, device=offset.device)[None, :] - offset
 
 
 def _record_positions(state: SelfExtendState, pos_q: torch.Tensor, pos_k: torch.Tensor) -> None:
@@ -154,7 +159,7 @@ def _record_positions(state: SelfExtendState, pos_q: torch.Tensor, pos_k: torch.
 
 
 def _reference_core(
-    state, query, key, value, attention_mask, scaling, dropout, module, index_q, pos_q, pos_k
+    state, query, key, value, attention_mask, scaling, dropout, module, index_q, pos_q, offset
 ):
     """The original formulation: for a block of queries, grouped scores for all keys (re-rotated queries
     and keys), exact scores for the keys within ``window`` of the block, merged by distance, masked,
@@ -165,6 +170,7 @@ def _reference_core(
     device = query.device
     group, window = state.group, state.window
     shift = window - window // group
+    pos_k = _key_positions(offset, 0, kv_len)
     group_k = torch.div(pos_k, group, rounding_mode="floor")
     group_q = torch.div(pos_q, group, rounding_mode="floor") + shift
 
@@ -308,14 +314,14 @@ def _unblocks(y: torch.Tensor, batch: int) -> torch.Tensor:
     return y.flatten(2, 3)
 
 
-def _grouped_rotations(state, query, key, pos_q, pos_k, q_rows: slice, k_end: int):
+def _grouped_rotations(state, query, key, pos_q, offset, q_rows: slice, k_end: int):
     """Grouped queries (rows ``q_rows``) and grouped keys ``[0, k_end)``, rotated exactly as the reference."""
     group, window = state.group, state.window
     shift = window - window // group
     pq = pos_q[:, q_rows]
     delta = torch.div(pq, group, rounding_mode="floor") + shift - pq
     qg = _rotate_into(query[:, :, q_rows], delta, state.rotary.inv_freq)
-    return qg, _grouped_keys(state, key, pos_k, k_end)
+    return qg, _grouped_keys(state, key, offset, k_end)
 
 
 def _rotate_into(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, out=None) -> torch.Tensor:
@@ -337,8 +343,8 @@ def _rotate_into(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, o
     return res.to(x.dtype)
 
 
-def _key_rotation(state, key, pos_k, start, end, out=None):
-    pk = pos_k[:, start:end]
+def _key_rotation(state, key, offset, start, end, out=None):
+    pk = _key_positions(offset, start, end)
     delta = torch.div(pk, state.group, rounding_mode="floor") - pk
     return _rotate_into(key[:, :, start:end], delta, state.rotary.inv_freq, out)
 
@@ -420,15 +426,14 @@ def _capture_cache(module: nn.Module, args, kwargs) -> None:
         state.grouped_cache.capture(cache, getattr(module, "layer_idx", None))
 
 
-def _grouped_keys(state, key, pos_k, k_end):
+def _grouped_keys(state, key, offset, k_end):
     """Grouped keys ``[0, k_end)``; reuses (and extends) those of the previous step when provably valid."""
     store = state.grouped_cache if isinstance(state.grouped_cache, _GroupedKeyCache) else None
     layer, entry = store.take(key) if store is not None else (None, None)
     if layer is None:
-        return _key_rotation(state, key, pos_k, 0, k_end)
+        return _key_rotation(state, key, offset, 0, k_end)
     inv_freq = state.rotary.inv_freq
     settings = (state.group, key.dtype, key.shape[:2], inv_freq.data_ptr(), inv_freq._version)
-    offset = pos_k[:, :1]
     start = 0
     if entry is not None and entry.settings == settings and torch.equal(entry.offset, offset):
         start = min(entry.n, k_end)
@@ -442,29 +447,29 @@ def _grouped_keys(state, key, pos_k, k_end):
             if start:
                 grown[:, :, :start] = entry.buf[:, :, :start]
             entry.buf = grown
-        _key_rotation(state, key, pos_k, start, k_end, out=entry.buf[:, :, start:k_end])
+        _key_rotation(state, key, offset, start, k_end, out=entry.buf[:, :, start:k_end])
     entry.n = k_end
     entry.source, entry.version = weakref.ref(key), key._version
     store.entries[layer] = entry
     return entry.buf[:, :, :k_end]
 
 
-def _fused_core(state, query, key, value, attention_mask, scaling, dropout, module, index_q, pos_q, pos_k):
+def _fused_core(state, query, key, value, attention_mask, scaling, dropout, module, index_q, pos_q, offset):
     q_len, kv_len = query.shape[2], key.shape[2]
     if q_len == 1 and state.block_size is None:
-        return _fused_decode(state, query, key, value, attention_mask, scaling, pos_q, pos_k)
+        return _fused_decode(state, query, key, value, attention_mask, scaling, pos_q, offset)
     if attention_mask is None and q_len == kv_len and state.block_size is None:
         _count(state, "fused_prefill")
-        return _fused_prefill(state, query, key, value, scaling, pos_q, pos_k)
-    return _fused_blocked(state, query, key, value, attention_mask, scaling, index_q, pos_q, pos_k)
+        return _fused_prefill(state, query, key, value, scaling, pos_q, offset)
+    return _fused_blocked(state, query, key, value, attention_mask, scaling, index_q, pos_q, offset)
 
 
-def _fused_decode(state, query, key, value, attention_mask, scaling, pos_q, pos_k) -> torch.Tensor:
+def _fused_decode(state, query, key, value, attention_mask, scaling, pos_q, offset) -> torch.Tensor:
     """One query (the last cache index): neighbours = the last ``window`` keys, far keys = all before them.
     Both passes are plain kernel calls (the model's mask, if any, sliced); two sets merge as a lerp."""
     kv_len, w = key.shape[2], state.window
     k_end = kv_len - w
-    qg, kg = _grouped_rotations(state, query, key, pos_q, pos_k, slice(0, 1), k_end)
+    qg, kg = _grouped_rotations(state, query, key, pos_q, offset, slice(0, 1), k_end)
     near = far = None
     if attention_mask is not None:
         dtype = query.dtype
@@ -482,7 +487,7 @@ def _fused_decode(state, query, key, value, attention_mask, scaling, pos_q, pos_
     return out.to(value.dtype)
 
 
-def _fused_prefill(state, query, key, value, scaling, pos_q, pos_k) -> torch.Tensor:
+def _fused_prefill(state, query, key, value, scaling, pos_q, offset) -> torch.Tensor:
     """Causal prefill without a mask (queries = keys = [0, L), L > window). Returns (B, H, L, D), a view of
     a (B, L, H, D) buffer (the layout transformers wants next). The passes run one after the other and are
     merged into that buffer as they finish, so at most about four (B, H, L, D) buffers are alive."""
@@ -491,7 +496,7 @@ def _fused_prefill(state, query, key, value, scaling, pos_q, pos_k) -> torch.Ten
     nb, tail = divmod(length, w)
     dtype, device = query.dtype, query.device
     # far keys, grouped positions: query i sees keys j <= i - w, i.e. causal between [w, L) and [0, L - w)
-    qg, kg = _grouped_rotations(state, query, key, pos_q, pos_k, slice(w, length), length - w)
+    qg, kg = _grouped_rotations(state, query, key, pos_q, offset, slice(w, length), length - w)
     og, lg = _flash(qg, kg, value[:, :, : length - w], scaling, causal=True)  # rows w.. of the output
     del qg, kg
     # neighbour keys in the query's own block: causal (all blocks in one call, as batch entries)
@@ -546,7 +551,7 @@ def _fused_prefill(state, query, key, value, scaling, pos_q, pos_k) -> torch.Ten
     return final.transpose(1, 2)
 
 
-def _fused_blocked(state, query, key, value, attention_mask, scaling, index_q, pos_q, pos_k) -> torch.Tensor:
+def _fused_blocked(state, query, key, value, attention_mask, scaling, index_q, pos_q, offset) -> torch.Tensor:
     """Any other call (masks, chunked prefill, decode): query blocks, explicit masks of block x keys."""
     batch, heads, q_len, dim = query.shape
     kv_len = key.shape[2]
@@ -554,7 +559,7 @@ def _fused_blocked(state, query, key, value, attention_mask, scaling, index_q, p
     dtype, device = query.dtype, query.device
     low = torch.finfo(dtype).min
     k_end = kv_len - w  # far keys of the last query: [0, kv_len - w)
-    qg, kg = _grouped_rotations(state, query, key, pos_q, pos_k, slice(0, q_len), max(k_end, 0))
+    qg, kg = _grouped_rotations(state, query, key, pos_q, offset, slice(0, q_len), max(k_end, 0))
     block = state.block_size or max(1, min(q_len, (1 << 22) // max(1, batch * kv_len)))
     outputs = []
     for qs in range(0, q_len, block):
