@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -149,15 +150,22 @@ def time_group(specs: list[str], length: int, args: argparse.Namespace) -> dict[
         v.step()  # warm-up (allocator, kernels)
     times: dict[str, list[float]] = {s: [] for s in specs}
     cpu: dict[str, list[float]] = {s: [] for s in specs}  # process CPU time: blind to preemption
+    sys_s: dict[str, list[float]] = {s: [] for s in specs}
+    faults: dict[str, list[int]] = {s: [] for s in specs}
     for r in range(args.rounds):
         order = specs[r % len(specs) :] + specs[: r % len(specs)]
         for s in order:
-            cpu0 = time.process_time()
+            cpu0, r0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
             times[s].append(timed(variants[s].step, device))
             cpu[s].append(time.process_time() - cpu0)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            sys_s[s].append(r1.ru_stime - r0.ru_stime)  # kernel time: page faults of fresh allocations
+            faults[s].append(r1.ru_minflt - r0.ru_minflt)
     result: dict[str, Any] = {
         "times": times,
         "cpu_times": cpu,
+        "sys_times": sys_s,
+        "minor_faults": faults,
         "saved_for_backward_mib": {s: v.saved_for_backward_mib() for s, v in variants.items()},
         "trainable": {s: v.trainable for s, v in variants.items()},
         "logits_positions": {s: v.inputs.get("logits_to_keep", length) for s, v in variants.items()},
@@ -272,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "step_s_all": t["times"][s],
                     "step_vs_floor": summarize([a / b for a, b in zip(t["times"][s], t["times"][floor])]),
                     "cpu_step_s": summarize(t["cpu_times"][s]),
+                    "sys_step_s": summarize(t["sys_times"][s]),
+                    "minor_faults_per_step": summarize(t["minor_faults"][s]),
                     "cpu_step_vs_floor": summarize(
                         [a / b for a, b in zip(t["cpu_times"][s], t["cpu_times"][floor])]
                     ),
@@ -289,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
                 record["rows"].append(row)
                 print(
                     f"  {s:>12} @ {n:5d}: step {fmt_ms(row['step_s'])} ms, / floor {fmt_ratio(row['step_vs_floor'])}"
-                    f"; CPU time / floor {fmt_ratio(row['cpu_step_vs_floor'])}"
+                    f"; CPU time / floor {fmt_ratio(row['cpu_step_vs_floor'])} (kernel "
+                    f"{row['sys_step_s']['median']:.1f} s, {row['minor_faults_per_step']['median']:.0f} page faults)"
                     + (f", peak +{row['peak_mib']:.0f} MiB" if mem else ""),
                     flush=True,
                 )
