@@ -5,7 +5,9 @@ script loads a fresh model, applies the extension (``seal_peft.extension.extend_
 adapter on top if asked, and scores greedy line retrieval at each length. Lengths beyond the native
 window (8K for the embedded SmolLM2-135M) show what the extension buys; lengths inside it show that
 extension + SEAL keeps what SEAL alone achieves. CPU cost grows with the square of the length: a
-10K-token sample takes minutes on one thread, so keep ``--samples`` small there.
+10K-token sample takes minutes on one thread, so keep ``--samples`` small there. The protocol is
+LongEval's by default (``--prompt-format``; ``chat_prefill`` for the pre-filled one); with ``--adapter``
+the evaluation excludes the keys and values of the adapter's training set (``--train-*``).
 
     OMP_NUM_THREADS=1 python benchmarks/extension.py --lengths 10240 --samples 5 \\
         --extensions ntk:2,self_extend:4 --adapter runs/adapters/c2e-2 --out runs/extension/10k.json
@@ -55,9 +57,8 @@ def run_variant(name, extension, adapter, args, dataset, dtype, lengths):
         record_extension(model)
     model.eval()
     t0 = time.time()
-    result = evaluate_retrieval(
-        model, tok, dataset, max_new_tokens=24, progress=not args.quiet, name=name, length_bins=lengths
-    )
+    # each record's own cap: LongEval's 100 new tokens under its protocol, 24 for the pre-filled one
+    result = evaluate_retrieval(model, tok, dataset, progress=not args.quiet, name=name, length_bins=lengths)
     return {
         "name": name,
         "extension": extension,
@@ -409,6 +410,43 @@ def write_report(path: str | None, report: dict) -> None:
             json.dump(report, f, indent=1, default=str)
 
 
+def eval_dataset(tok, args, lengths: list[int]):
+    """The evaluation records (``--samples`` per length, ``--prompt-format``, ``--seed``) and what they exclude.
+
+    The tokenizer's ``model_max_length`` is raised to the longest length (+5 %), since the point is to run
+    past the native window. With ``--adapter``, the adapter's training set is rebuilt (``--train-samples``
+    at ``--train-length``, ``--train-format``, seed 0: ``benchmarks/line_retrieval.py``'s recipe) and the
+    evaluation never asks one of its keys or answers with one of its values.
+    """
+    from seal_peft.data import line_retrieval
+
+    current = getattr(tok, "model_max_length", 0) or 0
+    needed = int(max(lengths) * 1.05)  # generated lengths are hit within +-3 %
+    tok.model_max_length = needed if current > 10**7 else max(needed, current)
+    train, exclude = None, None
+    if args.adapter and args.train_samples:
+        train_lengths = [int(x) for x in _split(args.train_length)]
+        train = line_retrieval(
+            tok, args.train_samples, train_lengths, prompt_format=args.train_format, seed=0, progress=False
+        )
+        exclude = {
+            "samples": args.train_samples,
+            "lengths": train_lengths,
+            "format": args.train_format,
+            "seed": 0,
+        }
+    dataset = line_retrieval(
+        tok,
+        num_samples=args.samples * len(lengths),
+        length=lengths,
+        prompt_format=args.prompt_format,
+        seed=args.seed,
+        exclude=train,
+        progress=not args.quiet,
+    )
+    return dataset, exclude
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF id/path; default: embedded SmolLM2-135M-Instruct")
@@ -428,7 +466,31 @@ def main(argv: list[str] | None = None) -> dict:
         "--variants", default=None, help="only run these variant names, in this order (comma-separated)"
     )
     p.add_argument("--no-base", action="store_true", help="skip the unextended base model")
-    p.add_argument("--prompt-format", default="chat_prefill", choices=["chat", "chat_prefill", "plain"])
+    p.add_argument(
+        "--prompt-format",
+        default="longeval",
+        choices=["longeval", "chat", "chat_prefill", "plain"],
+        help="evaluation protocol (default: LongEval's: plain question, empty assistant turn, up to 100 new "
+        "tokens, last integer scored); chat_prefill = the answer pre-filled up to 'is <' (24 new tokens)",
+    )
+    p.add_argument(
+        "--train-samples",
+        type=int,
+        default=50,
+        help="with --adapter: size of its training set, rebuilt (seed 0) so the evaluation excludes its keys "
+        "and values (0: no exclusion; default 50)",
+    )
+    p.add_argument(
+        "--train-length",
+        default="2048",
+        help="with --adapter: its training lengths, comma-separated (default 2048)",
+    )
+    p.add_argument(
+        "--train-format",
+        default="longeval",
+        choices=["longeval", "chat", "chat_prefill", "plain"],
+        help="with --adapter: its training prompt format (default longeval)",
+    )
     p.add_argument(
         "--seed", type=int, default=1000, help="evaluation data seed (default 1000, the test split)"
     )
@@ -479,25 +541,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from seal_peft.data import line_retrieval
     from seal_peft.models import load_tokenizer
 
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     lengths = [int(x) for x in _split(args.lengths)]
     tok = load_tokenizer(args.model)
-    current = getattr(tok, "model_max_length", 0) or 0
-    # we run past the native window on purpose: tell the data generators so
-    needed = int(max(lengths) * 1.05)  # generated lengths are hit within +-3 %
-    tok.model_max_length = needed if current > 10**7 else max(needed, current)
-    dataset = line_retrieval(
-        tok,
-        num_samples=args.samples * len(lengths),
-        length=lengths,
-        prompt_format=args.prompt_format,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
+    dataset, exclude = eval_dataset(tok, args, lengths)
     extensions = _split(args.extensions)
     variants: list[tuple[str, str | None, str | None]] = []
     if not args.no_base:
@@ -521,6 +571,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "prompt_format": args.prompt_format,
         "seed": args.seed,
+        "excluded_training_set": exclude,
         "variants": [],
     }
     for name, ext, adapter in variants:
