@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scale-pull", type=float, default=0.0)
     p.add_argument("--lm-every", type=int, default=0, help="insert one essay LM sample after every N samples")
     p.add_argument("--lm-length", type=int, default=512, help="tokens per LM sample (training essays)")
+    p.add_argument(
+        "--lm-kl",
+        type=float,
+        default=0.0,
+        help="train the LM samples on this weight x KL(base || adapted) instead of their cross-entropy",
+    )
     p.add_argument("--layers", default=None, help="comma-separated layer indices to adapt (default all)")
     p.add_argument("--eval-lengths", default="512,1024,2048,4096")
     p.add_argument("--eval-samples", type=int, default=40)
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
             learning_rate=PEER_LR[args.peer] if args.peer and args.lr is None else args.lr,
             num_train_epochs=args.epochs,
             scale_pull=args.scale_pull,
+            lm_kl=args.lm_kl,
             seed=args.seed,
             progress=False,
             logging_steps=10,

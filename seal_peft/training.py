@@ -30,7 +30,9 @@ class Recipe:
     """How to train one SEAL variant: the ``train_seal`` settings and the LM mixing.
 
     ``lm_every > 0``: one plain-text LM window of ``lm_length`` tokens from the training essays per
-    ``lm_every`` retrieval samples (:func:`add_lm_samples`; the Trainer shuffles the mix).
+    ``lm_every`` retrieval samples (:func:`add_lm_samples`; the Trainer shuffles the mix). ``lm_kl > 0``
+    trains those windows on the KL divergence to the base model instead of on their text
+    (:func:`seal_loss`).
     """
 
     learning_rate: float
@@ -38,6 +40,7 @@ class Recipe:
     scale_pull: float = 0.0
     lm_every: int = 0
     lm_length: int = 512
+    lm_kl: float = 0.0
 
     def train_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`train_seal` this recipe sets."""
@@ -45,6 +48,7 @@ class Recipe:
             "learning_rate": self.learning_rate,
             "num_train_epochs": self.num_train_epochs,
             "scale_pull": self.scale_pull,
+            "lm_kl": self.lm_kl,
         }
 
 
@@ -197,30 +201,73 @@ def seal_scales(model: nn.Module) -> list[torch.Tensor]:
     return [p for n, p in model.named_parameters() if "seal_scale" in n and p.requires_grad]
 
 
-def seal_loss(model: nn.Module, scale_pull: float = 0.0) -> Callable:
+class _LastInputs:
+    """A forward pre-hook on ``model`` that remembers the token ids and mask of its last call, so that a
+    ``compute_loss_func`` (which the Trainer gives only outputs and labels) can run the base model on the
+    same tokens. It reads the call's arguments and changes nothing."""
+
+    def __init__(self, model: nn.Module):
+        self.input_ids: torch.Tensor | None = None
+        self.attention_mask: torch.Tensor | None = None
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self.attention_mask = kwargs.get("attention_mask")
+
+
+def seal_loss(model: nn.Module, scale_pull: float = 0.0, lm_kl: float = 0.0) -> Callable:
     """A ``compute_loss_func`` for ``Trainer``: answer cross-entropy + ``scale_pull * sum((s - 1)^2)``.
 
     Works with full or trimmed logits (``SealDataCollator(trim_logits=True)``). Pulling the scales
     toward 1 (identity) limits how far SEAL moves the model away from the base — a cheap guard for
     general ability (perplexity). ``scale_pull=0`` is the plain answer loss.
+
+    ``lm_kl > 0`` changes what the plain-text LM windows (:func:`add_lm_samples`, rows whose **first**
+    label is set: every token a target, which a prompt-masked sample never has) are trained on: instead
+    of their next-token cross-entropy, ``lm_kl`` times the KL divergence from the *base* model's
+    next-token distribution (``model.disable_adapter()``, no gradient) to the adapted one's, token for
+    token — the windows then hold the model to what the base predicted instead of to the text. It costs
+    one extra forward per LM window and registers a forward pre-hook on ``model`` that remembers the
+    last call's ``input_ids`` / ``attention_mask`` (the Trainer passes the loss only the outputs and the
+    labels). ``model`` must be the ``PeftModel`` the Trainer trains.
     """
     strength = scale_pull
     if strength < 0:
         raise ValueError(f"scale_pull={strength} must be >= 0.")
+    if lm_kl < 0:
+        raise ValueError(f"lm_kl={lm_kl} must be >= 0 (0 = the LM windows keep their cross-entropy).")
+    seen = None
+    if lm_kl > 0:
+        if not hasattr(model, "disable_adapter"):
+            raise TypeError(
+                f"lm_kl needs the PeftModel being trained (for disable_adapter()), got {type(model).__name__}; "
+                "pass the model returned by get_peft_model(...)."
+            )
+        seen = _LastInputs(model)
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        lm_rows = labels[:, 0] != -100 if seen is not None and labels.dim() == 2 else None
         # logits may cover only the last positions (logits_to_keep): align labels with them
         labels = labels[..., labels.shape[-1] - logits.shape[-2] :]
         shift_logits = logits[..., :-1, :].float()
         shift_labels = labels[..., 1:].to(logits.device)
-        loss = nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
         count = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum()
+        if lm_rows is None or not bool(lm_rows.any()):
+            loss = nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)),
+                shift_labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+        else:
+            lm_rows = lm_rows.to(logits.device)
+            task = shift_labels.masked_fill(lm_rows[:, None], -100)  # LM windows: no cross-entropy
+            loss = nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)), task.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            loss = loss + lm_kl * _kl_to_base(model, seen, lm_rows, shift_logits, shift_labels, logits.shape[-2])
         loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
         if strength > 0:
             scales = seal_scales(model)
@@ -230,6 +277,20 @@ def seal_loss(model: nn.Module, scale_pull: float = 0.0) -> Callable:
         return loss
 
     return compute_loss
+
+
+def _kl_to_base(model, seen: _LastInputs, rows, shift_logits, shift_labels, keep: int) -> torch.Tensor:
+    """Sum over the target tokens of ``rows`` of KL(base || adapted) of the next-token distributions."""
+    if seen.input_ids is None:
+        raise RuntimeError("lm_kl: the loss was called before any forward of the model it was built for.")
+    ids = seen.input_ids[rows.to(seen.input_ids.device)]
+    mask = None if seen.attention_mask is None else seen.attention_mask[rows.to(seen.attention_mask.device)]
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False)
+    base_logp = torch.log_softmax(base.logits[..., :-1, :].float().to(shift_logits.device), dim=-1)
+    logq = torch.log_softmax(shift_logits[rows], dim=-1)
+    per_token = (base_logp.exp() * (base_logp - logq)).sum(-1)
+    return per_token[shift_labels[rows] != -100].sum()
 
 
 def scale_pull_loss(model: nn.Module, strength: float) -> Callable:
@@ -247,6 +308,7 @@ def train_seal(
     learning_rate: float | None = None,
     num_train_epochs: float = 1.0,
     scale_pull: float = 0.0,
+    lm_kl: float = 0.0,
     gradient_accumulation_steps: int = 1,
     gradient_checkpointing: bool = False,
     seed: int = 0,
@@ -256,7 +318,7 @@ def train_seal(
     """Train the SEAL scales of ``model`` (a ``PeftModel``) with the stock ``Trainer``; return it.
 
     A thin convenience: ``seal_training_arguments`` + ``SealDataCollator(trim_logits=True)`` +
-    ``seal_loss(model, scale_pull)``. Equivalent to writing the three lines yourself (see
+    ``seal_loss(model, scale_pull, lm_kl)``. Equivalent to writing the three lines yourself (see
     ``examples/train_line_retrieval.py``).
     """
     from transformers import Trainer
@@ -281,7 +343,7 @@ def train_seal(
         args=args,
         train_dataset=train_dataset,
         data_collator=SealDataCollator(tokenizer, trim_logits=True),
-        compute_loss_func=seal_loss(model, scale_pull=scale_pull),
+        compute_loss_func=seal_loss(model, scale_pull=scale_pull, lm_kl=lm_kl),
     )
     trainer.train()
     model.eval()
@@ -383,6 +445,7 @@ def train_variant(
     progress=True,
     lm_every=None,
     lm_length=None,
+    lm_kl=None,
     recipe: str = "paper",
     **trainer_overrides,
 ):
@@ -408,6 +471,7 @@ def train_variant(
         "scale_pull": scale_pull,
         "lm_every": lm_every,
         "lm_length": lm_length,
+        "lm_kl": lm_kl,
     }
     settings = dataclasses.replace(
         get_recipe(recipe, granularity), **{k: v for k, v in chosen.items() if v is not None}

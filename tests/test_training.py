@@ -219,6 +219,8 @@ def test_cli_train_lm_options_parse():
     args = build_parser().parse_args(["train", "--out", "x", "--lm-every", "4", "--lm-length", "256"])
     assert (args.lm_every, args.lm_length) == (4, 256)
     assert build_parser().parse_args(["train", "--out", "x"]).lm_every is None  # None = the recipe's
+    assert build_parser().parse_args(["train", "--out", "x", "--lm-kl", "0.5"]).lm_kl == 0.5
+    assert build_parser().parse_args(["train", "--out", "x"]).lm_kl is None
 
 
 def test_recipe_mixes_lm_samples_unless_turned_off(monkeypatch):
@@ -236,6 +238,9 @@ def test_recipe_mixes_lm_samples_unless_turned_off(monkeypatch):
     assert "lm_every" not in seen["kw"] and "lm_length" not in seen["kw"]  # not Trainer arguments
     training.train_variant(make_model("llama"), Tok(), _rows(6), "head", "unused", lm_every=0, recipe="smollm2")
     assert seen["n"] == 6
+    assert seen["kw"]["lm_kl"] == 0.0  # the recipes keep the windows' cross-entropy
+    training.train_variant(make_model("llama"), Tok(), _rows(6), "head", "unused", lm_kl=0.5, recipe="smollm2")
+    assert seen["kw"]["lm_kl"] == 0.5 and seen["n"] == 9
 
 
 def test_lm_windows_are_a_ratio_the_trainer_shuffles_unless_sequential(tmp_path):
@@ -316,3 +321,72 @@ def test_one_source_of_recipes(monkeypatch):
     for name, recipe in RECIPES.items():  # the README states both
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}`"))
         assert f"| {recipe['head'].learning_rate:.0e}".replace("e-0", "e-") in row
+
+
+def _lm_row(length=12, seed=5):
+    ids = torch.randint(1, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return {"input_ids": ids, "labels": list(ids), "attention_mask": [1] * length}
+
+
+def test_lm_kl_trains_lm_windows_on_kl_to_base_and_task_rows_on_ce():
+    from seal_peft.training import seal_loss
+
+    model = get_peft_model(make_model("llama"), SealConfig(init_weights=False))  # scales != 1
+    rows = [_rows(1)[0], _lm_row()]  # a prompt-masked task row and a plain-text window, padded together
+    batch = SealDataCollator(pad_token_id=0)(rows)
+    labels = batch.pop("labels")
+    loss_fn = seal_loss(model, lm_kl=0.5)
+    out = model(**batch)
+    got = loss_fn(out, labels)
+    # by hand: CE of the task row + 0.5 * KL(base || adapted) over the window's targets, / all targets
+    logits, shift = out.logits[:, :-1].float(), labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[0], shift[0], ignore_index=-100, reduction="sum")
+    with torch.no_grad(), model.disable_adapter():
+        base = model(**batch).logits[:, :-1].float()
+    p, logq = torch.log_softmax(base[1], -1), torch.log_softmax(logits[1], -1)
+    kl = (p.exp() * (p - logq)).sum(-1)[shift[1] != -100].sum()
+    assert kl > 1e-3  # the scales really move the window's distribution
+    torch.testing.assert_close(got, (ce + 0.5 * kl) / (shift != -100).sum(), atol=1e-6, rtol=1e-5)
+    # the teacher pass left the adapter on and the gradient reaches the scales
+    torch.testing.assert_close(model(**batch).logits, out.logits, atol=0, rtol=0)
+    got.backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in seal_scales(model))
+
+
+def test_lm_kl_is_zero_with_gradient_zero_at_identity_and_off_by_default():
+    from seal_peft.training import seal_loss
+
+    model = get_peft_model(make_model("llama"), SealConfig())  # scales = 1: adapted == base
+    batch = SealDataCollator(pad_token_id=0)([_lm_row()])
+    labels = batch.pop("labels")
+    loss = seal_loss(model, lm_kl=1.0)(model(**batch), labels)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(s.grad.abs().max().item() < 1e-6 for s in seal_scales(model))
+    plain = seal_loss(model)(model(**batch), labels)  # lm_kl=0: the window keeps its cross-entropy
+    assert plain.item() > 1.0
+    # a batch without LM windows: lm_kl changes nothing
+    task = SealDataCollator(pad_token_id=0)(_rows(2))
+    task_labels = task.pop("labels")
+    out = model(**task)
+    assert seal_loss(model, lm_kl=1.0)(out, task_labels).item() == seal_loss(model)(out, task_labels).item()
+
+
+def test_lm_kl_bad_input():
+    from seal_peft.training import seal_loss
+
+    model = get_peft_model(make_model("llama"), SealConfig())
+    with pytest.raises(ValueError, match="lm_kl=-1"):
+        seal_loss(model, lm_kl=-1)
+    with pytest.raises(TypeError, match="get_peft_model"):
+        seal_loss(make_model("llama"), lm_kl=1.0)
+
+
+def test_train_seal_with_lm_kl_moves_scales_with_windows_in_the_mix(tmp_path):
+    from seal_peft.training import train_seal
+
+    model = get_peft_model(make_model("llama"), SealConfig(granularity="channel"))
+    data = mix_lm_samples(_rows(4), [_lm_row(seed=s) for s in range(2)], every=2)
+    train_seal(model, None, data, str(tmp_path), granularity="channel", lm_kl=1.0, progress=False, use_cpu=True)
+    scales = torch.cat([s.detach().flatten() for s in seal_scales(model)])
+    assert (scales - 1).abs().max() > 1e-4

@@ -140,6 +140,7 @@ def cmd_train(args) -> int:
         progress=not args.quiet,
         lm_every=args.lm_every,
         lm_length=args.lm_length,
+        lm_kl=args.lm_kl,
         recipe=recipe,
         **dict(args.training_args or []),
     )
@@ -187,6 +188,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "shuffled with them (default: the recipe's, 2 for smollm2, 0 = off for paper; docs/training.md)",
     )
     t.add_argument("--lm-length", type=_int_at_least(1), default=None, help="tokens per LM window (default 512)")
+    t.add_argument(
+        "--lm-kl",
+        type=_non_negative,
+        default=None,
+        metavar="W",
+        help="train the LM windows on W x the KL divergence to the base model's next-token distribution "
+        "instead of on their text (one extra forward per window; default 0 = their cross-entropy)",
+    )
     t.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for memory on long samples"
     )
