@@ -19,10 +19,17 @@ def _name(record: dict) -> str:
     if args.get("adapter"):
         return f"adapter {args['adapter']}"
     name = {"none": "base", "head": "SEAL-H", "channel": "SEAL-C"}[args["granularity"]]
+    if args["granularity"] == "none":
+        return name
+    notes = []
     trained_format = args.get("prompt_format")
-    if args["granularity"] != "none" and trained_format not in (None, "longeval"):
-        name += f" ({trained_format}-format training)"
-    return name
+    if trained_format not in (None, "longeval"):
+        notes.append(f"{trained_format}-format training")
+    if str(args.get("train_length", "2048")) != "2048":
+        notes.append(f"trained at {args['train_length']}")
+    if args.get("lm_kl"):
+        notes.append(f"KL-to-base windows x{args['lm_kl']:g}")
+    return name + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _cell(record: dict, fmt: str, length: str) -> str:
@@ -33,7 +40,11 @@ def _cell(record: dict, fmt: str, length: str) -> str:
     return f"{acc:.3f} ({round(acc * n)}/{n})"
 
 
-def _change(value: float, base: float) -> str:
+def _change(value: float | None, base: float | None) -> str:
+    if value is None:
+        return "–"
+    if base is None:
+        return f"{value:.2f}"
     return f"{value:.2f} ({100 * (value / base - 1):+.1f} %)"
 
 
@@ -51,8 +62,8 @@ def table(records: list[dict]) -> str:
         row = [_name(r), f"{r.get('trainable_parameters', 0):,}", str(r.get("train_seconds", "–"))]
         row += [_cell(r, f, k) for f in formats for k in lengths]
         row += [
-            _change(r["ppl"], base["ppl"]),
-            _change(r["ppl_ood"], base["ppl_ood"]) if "ppl_ood" in r else "–",
+            _change(r.get("ppl"), base.get("ppl")),
+            _change(r.get("ppl_ood"), base.get("ppl_ood")),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

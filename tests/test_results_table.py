@@ -51,3 +51,24 @@ def test_rows_name_a_training_format_other_than_longeval():
     base["args"]["prompt_format"] = "chat"  # base is not trained: its format says nothing
     names = [line.split(" | ")[0] for line in results_table.table([base, default, chat]).splitlines()[2:]]
     assert names == ["| base", "| SEAL-C", "| SEAL-C (chat-format training)"]
+
+
+def test_rows_name_training_lengths_and_kl_and_survive_missing_perplexities():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import results_table
+    finally:
+        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    base = _record("none", 0.0, 20.0)
+    del base["ppl_ood"]  # a base run with --ood-ppl-tokens 0
+    long = _record("channel", 0.8, 20.0)
+    long["args"]["train_length"] = "4096,6144"
+    kl = _record("head", 0.5, 21.0)
+    kl["args"].update(train_length="2048", lm_kl=1.0)
+    lines = results_table.table([base, long, kl]).splitlines()[2:]
+    assert [line.split(" | ")[0] for line in lines] == [
+        "| base",
+        "| SEAL-C (trained at 4096,6144)",
+        "| SEAL-H (KL-to-base windows x1)",
+    ]
+    assert lines[0].endswith("| 20.00 (+0.0 %) | – |") and lines[2].endswith("| 21.00 (+5.0 %) | 10.50 |")
