@@ -45,9 +45,9 @@ def peer_model(model, peer: str, layers: list[int] | None):
         )
         return get_peft_model(model, config)
     if peer == "ia3":
-        return get_peft_model(
-            model, IA3Config(target_modules=["o_proj"], feedforward_modules=["o_proj"], layers_to_transform=layers)
-        )
+        # IA3Config has no layers_to_transform: name the layers' o_proj modules instead
+        targets = ["o_proj"] if layers is None else [f"layers.{i}.self_attn.o_proj" for i in layers]
+        return get_peft_model(model, IA3Config(target_modules=targets, feedforward_modules=targets))
     dtype = model.dtype
     model.requires_grad_(False)
     for name, module in model.named_modules():

@@ -301,3 +301,20 @@ def test_seal_input_shares_storage_with_attention_output(granularity):
         forward = lambda m=model, ids=ids: m(input_ids=ids, use_cache=False).logits.sum()  # noqa: E731
         got = bench.scale_input_sharing(model, forward)
         assert got == {"scale_ops": 2, "shared_with_attention": shared}, attn
+
+
+@pytest.mark.parametrize("layers", [None, [1]])
+def test_line_retrieval_ia3_peer_scales_o_proj_inputs_only(layers):
+    """``--peer ia3``: PEFT's IA3 on ``o_proj`` as a feed-forward module (one learned scale per input
+    channel: structurally SEAL-C), optionally on some layers only (IA3Config has no layers_to_transform)."""
+    from conftest import make_model
+
+    model = _load("line_retrieval").peer_model(make_model("llama"), "ia3", layers)
+    trainable = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    n_layers = model.config.num_hidden_layers
+    expected = range(n_layers) if layers is None else layers
+    assert sorted(trainable) == sorted(
+        f"base_model.model.model.layers.{i}.self_attn.o_proj.ia3_l.default" for i in expected
+    )
+    width = model.config.num_attention_heads * model.config.head_dim
+    assert all(shape == (1, width) for shape in trainable.values())  # the input side: H * head_dim

@@ -366,6 +366,8 @@ class _GroupedKeyCache:
     a subclass with ``seal_append_only = True`` promises the same (the evaluator's reserved-room layer).
     Beam-search reordering, cropping, a new cache or any other cache class replace or bypass that tensor and
     the grouped keys are recomputed. Entries live as long as their cache layer (weak keys); never saved.
+    Under ``torch.inference_mode`` (the evaluator's) tensors have no version counter, so there only the
+    identity and the layer type are checked (:func:`_version`).
     """
 
     def __init__(self) -> None:
@@ -400,7 +402,7 @@ class _GroupedKeyCache:
             entry is not None
             and before is not None
             and entry.source() is before
-            and before._version == entry.version
+            and _version(before) == entry.version
         )
         self.current = (weakref.ref(layer), prefix)
 
@@ -418,6 +420,13 @@ class _GroupedKeyCache:
         return layer, (self.entries.get(layer) if prefix else None)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s in-place version counter; ``None`` for a tensor made under ``torch.inference_mode`` (it has
+    none). There the proof of reuse rests on the tensor's identity and the cache layer's type alone: neither
+    ``DynamicLayer`` nor an append-only layer writes a position it already holds."""
+    return None if t.is_inference() else t._version
+
+
 def _capture_cache(module: nn.Module, args, kwargs) -> None:
     """Forward pre-hook of a Self-Extend attention module: note its KV-cache layer before the update."""
     state = getattr(module, "_seal_self_extend", None)
@@ -433,7 +442,7 @@ def _grouped_keys(state, key, offset, k_end):
     if layer is None:
         return _key_rotation(state, key, offset, 0, k_end)
     inv_freq = state.rotary.inv_freq
-    settings = (state.group, key.dtype, key.shape[:2], inv_freq.data_ptr(), inv_freq._version)
+    settings = (state.group, key.dtype, key.shape[:2], inv_freq.data_ptr(), _version(inv_freq))
     start = 0
     if entry is not None and entry.settings == settings and torch.equal(entry.offset, offset):
         start = min(entry.n, k_end)
@@ -449,7 +458,7 @@ def _grouped_keys(state, key, offset, k_end):
             entry.buf = grown
         _key_rotation(state, key, offset, start, k_end, out=entry.buf[:, :, start:k_end])
     entry.n = k_end
-    entry.source, entry.version = weakref.ref(key), key._version
+    entry.source, entry.version = weakref.ref(key), _version(key)
     store.entries[layer] = entry
     return entry.buf[:, :, :k_end]
 
