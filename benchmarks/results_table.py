@@ -53,14 +53,17 @@ def table(records: list[dict]) -> str:
     lengths = list(
         dict.fromkeys(k for r in records for f in formats for k in r.get("accuracy", {}).get(f, {}))
     )
+    cols = [(f, k) for f in formats for k in lengths]
+    # a (protocol, length) column no record measured is left out
+    cols = [(f, k) for f, k in cols if any(_cell(r, f, k) != "–" for r in records)]
     head = ["variant", "trainable", "train s"]
-    head += [f"{f} {int(k) // 1024}K" if int(k) >= 1024 else f"{f} {k}" for f in formats for k in lengths]
+    head += [f"{f} {int(k) // 1024}K" if int(k) >= 1024 else f"{f} {k}" for f, k in cols]
     head += ["essay ppl", "Python-docs ppl"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = records[0]
     for r in records:
         row = [_name(r), f"{r.get('trainable_parameters', 0):,}", str(r.get("train_seconds", "–"))]
-        row += [_cell(r, f, k) for f in formats for k in lengths]
+        row += [_cell(r, f, k) for f, k in cols]
         row += [
             _change(r.get("ppl"), base.get("ppl")),
             _change(r.get("ppl_ood"), base.get("ppl_ood")),

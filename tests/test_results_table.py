@@ -72,3 +72,20 @@ def test_rows_name_training_lengths_and_kl_and_survive_missing_perplexities():
         "| SEAL-H (KL-to-base windows x1)",
     ]
     assert lines[0].endswith("| 20.00 (+0.0 %) | – |") and lines[2].endswith("| 21.00 (+5.0 %) | 10.50 |")
+
+
+def test_columns_no_record_measured_are_left_out():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import results_table
+    finally:
+        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    a = _record("none", 0.0, 20.0)
+    a["accuracy"]["chat_prefill"] = {"1024": 0.5}
+    a["n_per_length"]["chat_prefill"] = {"1024": 20}
+    b = _record("channel", 0.8, 20.0)
+    b["accuracy"]["longeval"]["8192"], b["n_per_length"]["longeval"]["8192"] = 0.4, 20
+    head = results_table.table([a, b]).splitlines()[0]
+    assert head == (
+        "| variant | trainable | train s | longeval 2K | longeval 8K | chat_prefill 1K | essay ppl | Python-docs ppl |"
+    )
