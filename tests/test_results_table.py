@@ -19,12 +19,17 @@ def _record(granularity, acc, ppl, **extra):
     }
 
 
-def test_table_cells_come_from_the_records():
+def _results_table():
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     try:
         import results_table
     finally:
         sys.path.remove(os.path.join(REPO, "benchmarks"))
+    return results_table
+
+
+def test_table_cells_come_from_the_records():
+    results_table = _results_table()
     text = results_table.table(
         [
             _record("none", 0.025, 20.0),
@@ -38,11 +43,7 @@ def test_table_cells_come_from_the_records():
 
 
 def test_rows_name_a_training_format_other_than_longeval():
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import results_table
-    finally:
-        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    results_table = _results_table()
     default = _record("channel", 0.8, 20.0)
     default["args"]["prompt_format"] = "longeval"
     chat = _record("channel", 0.8, 20.0)
@@ -54,11 +55,7 @@ def test_rows_name_a_training_format_other_than_longeval():
 
 
 def test_rows_name_training_lengths_and_kl_and_survive_missing_perplexities():
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import results_table
-    finally:
-        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    results_table = _results_table()
     base = _record("none", 0.0, 20.0)
     del base["ppl_ood"]  # a base run with --ood-ppl-tokens 0
     long = _record("channel", 0.8, 20.0)
@@ -75,11 +72,7 @@ def test_rows_name_training_lengths_and_kl_and_survive_missing_perplexities():
 
 
 def test_columns_no_record_measured_are_left_out():
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import results_table
-    finally:
-        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    results_table = _results_table()
     a = _record("none", 0.0, 20.0)
     a["accuracy"]["chat_prefill"] = {"1024": 0.5}
     a["n_per_length"]["chat_prefill"] = {"1024": 20}
