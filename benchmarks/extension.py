@@ -290,8 +290,9 @@ def speed_main(args) -> dict:
         rows.append(row)
     report["summary"] = rows
     decode_rows = []
+    decode_lengths = [int(x) for x in _split(args.decode_lengths or "")]
     for rep in range(args.decode_repeats):
-        for length in [int(x) for x in _split(args.decode_lengths or "")]:
+        for length in decode_lengths:
             for variant in ("base", "fused") if rep % 2 == 0 else ("fused", "base"):
                 spec = {
                     **common,
@@ -309,7 +310,7 @@ def speed_main(args) -> dict:
                     flush=True,
                 )
                 write_report(args.out, report)
-    for length in [int(x) for x in _split(args.decode_lengths or "")]:
+    for length in decode_lengths:
         runs = [
             r for r in report["runs"] if r["spec"].get("synthetic_cache") and r["spec"]["length"] == length
         ]

@@ -254,19 +254,18 @@ def seal_loss(model: nn.Module, scale_pull: float = 0.0, lm_kl: float = 0.0) -> 
         shift_logits = logits[..., :-1, :].float()
         shift_labels = labels[..., 1:].to(logits.device)
         count = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum()
-        if lm_rows is None or not bool(lm_rows.any()):
-            loss = nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)),
-                shift_labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-        else:
+        windows = lm_rows is not None and bool(lm_rows.any())
+        targets = shift_labels
+        if windows:  # LM windows: KL to the base model instead of their cross-entropy
             lm_rows = lm_rows.to(logits.device)
-            task = shift_labels.masked_fill(lm_rows[:, None], -100)  # LM windows: no cross-entropy
-            loss = nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), task.reshape(-1), ignore_index=-100, reduction="sum"
-            )
+            targets = shift_labels.masked_fill(lm_rows[:, None], -100)
+        loss = nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        if windows:
             loss = loss + lm_kl * _kl_to_base(model, seen, lm_rows, shift_logits, shift_labels, logits.shape[-2])
         loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
         if strength > 0:
