@@ -426,3 +426,23 @@ def test_evaluator_greedy_loop_runs_fused_and_matches_reference(batch_size):
         assert impl in _counts(model)
     assert "reference" not in _counts(model) and _counts(model).get("grouped_keys_reused", 0) > 0
     assert outs["fused"] == outs["reference"] and all(len(t) == 6 for t in outs["fused"])
+
+
+def test_speed_benchmark_decode_after_synthetic_cache(tmp_path):
+    """``--decode-lengths``: decode alone after a random KV cache, base and fused interleaved in pairs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "extension.py"
+    spec = importlib.util.spec_from_file_location("bench_extension_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(
+        ["--speed", "--model", "tiny", "--dtype", "float32", "--repeats", "0", "--check-length", "0",
+         "--decode-lengths", "40,60", "--decode-repeats", "2", "--decode-steps", "2", "--window", "16",
+         "--in-process", "--out", str(tmp_path / "decode.json")]
+    )  # fmt: skip
+    assert [r["length"] for r in report["decode_summary"]] == [40, 60]
+    assert all(r["pairs"] == 2 and r["fused_decode_ratio"] > 0 for r in report["decode_summary"])
+    fused = [r for r in report["runs"] if r["spec"]["variant"] == "fused"]
+    assert len(fused) == 4 and all(len(r["decode_s"]) == 2 and "fused" in r["paths"] for r in fused)
