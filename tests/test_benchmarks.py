@@ -318,3 +318,50 @@ def test_line_retrieval_ia3_peer_scales_o_proj_inputs_only(layers):
     )
     width = model.config.num_attention_heads * model.config.head_dim
     assert all(shape == (1, width) for shape in trainable.values())  # the input side: H * head_dim
+
+
+def test_scale_structure_decomposes_and_projects_seal_c_exactly(tmp_path):
+    """``scale_structure``: between-heads + within-head shares of a SEAL-C adapter's change sum to 1 and
+    match a hand computation; ``head-mean`` makes every head's channels equal to their mean, ``within``
+    keeps ``s - m + 1``; the saved projections reload with exactly those scales."""
+    from conftest import make_model
+    from peft import get_peft_model
+
+    import seal_peft
+
+    bench = _load("scale_structure")
+    torch.manual_seed(0)
+    model = get_peft_model(make_model("llama"), seal_peft.SealConfig(granularity="channel"))
+    params = [p for n, p in model.named_parameters() if "seal_scale" in n]
+    with torch.no_grad():
+        for p in params:
+            p.copy_(1 + 0.3 * torch.randn_like(p))
+    s = torch.stack([p.detach().double().reshape(4, 8) for p in params])  # 2 layers x 4 heads x 8 channels
+    m = s.mean(-1, keepdim=True)
+    between, within = float(((m - 1) ** 2).sum() * 8), float(((s - m) ** 2).sum())
+    got = bench.decompose(model)
+    assert got["heads"] == 8
+    assert got["between_heads_share"] == pytest.approx(between / (between + within), rel=1e-12)
+    assert got["between_heads_share"] + got["within_head_share"] == pytest.approx(1.0, rel=1e-12)
+    originals = [p.detach().clone() for p in params]
+
+    bench.project(model, "head-mean")
+    for p, o in zip(params, originals):
+        o = o.reshape(4, 8)
+        assert torch.equal(p.detach().reshape(4, 8), o.mean(1, keepdim=True).expand(4, 8))
+    assert bench.decompose(model)["within_head_share"] < 1e-12
+    model.save_pretrained(tmp_path / "head-mean")
+    with torch.no_grad():
+        for p, o in zip(params, originals):
+            p.copy_(o)
+
+    bench.project(model, "within")
+    for p, o in zip(params, originals):
+        o = o.reshape(4, 8)
+        assert torch.equal(p.detach().reshape(4, 8), o - o.mean(1, keepdim=True) + 1)
+    assert bench.decompose(model)["between_heads_share"] < 1e-10
+    reloaded = seal_peft.from_pretrained(make_model("llama"), tmp_path / "head-mean")
+    for p, o in zip([p for n, p in reloaded.named_parameters() if "seal_scale" in n], originals):
+        assert torch.equal(p.detach().reshape(4, 8), o.reshape(4, 8).mean(1, keepdim=True).expand(4, 8))
+    with pytest.raises(ValueError, match="unknown projection"):
+        bench.project(model, "heads")
