@@ -28,32 +28,16 @@ import torch
 KINDS = ("head-mean", "within")
 
 
-def _seal_scales(peft_model, adapter_name: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """(module name, scale parameter) of every SEAL layer, in model order."""
-    out = []
-    for name, module in peft_model.named_modules():
-        scales = getattr(module, "seal_scale", None)
-        if scales is not None and adapter_name in scales:
-            out.append((name, scales[adapter_name]))
-    if not out:
-        raise ValueError(f"the model has no SEAL adapter named {adapter_name!r}")
-    return out
-
-
-def _heads_per_layer(peft_model, adapter_name: str) -> list[int]:
+def _per_head(peft_model, adapter_name: str) -> list[tuple[torch.nn.Parameter, int]]:
+    """Each SEAL-C scale parameter with its number of heads (the channels are head-major)."""
     from seal_peft.analysis import learned_head_scales
+    from seal_peft.analysis._probe import layout_of
 
     grid = learned_head_scales(peft_model, adapter_name=adapter_name)
     if grid.granularity != "channel":
         raise ValueError(f"adapter {adapter_name!r} is SEAL-H already: only SEAL-C scales can be decomposed")
-    return [int(np.isfinite(row).sum()) for row in grid.mean]
-
-
-def _per_head(peft_model, adapter_name: str) -> list[tuple[torch.nn.Parameter, int]]:
-    """Each SEAL-C scale parameter with its number of heads (the channels are head-major)."""
-    scales = _seal_scales(peft_model, adapter_name)
-    heads = _heads_per_layer(peft_model, adapter_name)
-    return [(param, n) for (_, param), n in zip(scales, heads)]
+    _, modules = layout_of(peft_model, adapter_name)  # in the grid's row order
+    return [(m.seal_scale[adapter_name], int(np.isfinite(row).sum())) for m, row in zip(modules, grid.mean)]
 
 
 def decompose(peft_model, adapter_name: str = "default") -> dict:
@@ -107,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     peft_model = seal_peft.from_pretrained(model, args.adapter)
     record = {"adapter": args.adapter, **decompose(peft_model)}
     if args.write:
-        original = [param.detach().clone() for _, param in _seal_scales(peft_model, "default")]
+        params = [param for param, _ in _per_head(peft_model, "default")]
+        original = [param.detach().clone() for param in params]
         record["projections"] = {}
         for kind in KINDS:
             project(peft_model, kind)
@@ -115,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
             peft_model.save_pretrained(path)
             record["projections"][kind] = {"path": path, **decompose(peft_model)}
             with torch.no_grad():
-                for (_, param), value in zip(_seal_scales(peft_model, "default"), original):
+                for param, value in zip(params, original):
                     param.copy_(value)
     text = json.dumps(record, indent=1)
     print(text)

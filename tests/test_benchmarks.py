@@ -365,3 +365,6 @@ def test_scale_structure_decomposes_and_projects_seal_c_exactly(tmp_path):
         assert torch.equal(p.detach().reshape(4, 8), o.reshape(4, 8).mean(1, keepdim=True).expand(4, 8))
     with pytest.raises(ValueError, match="unknown projection"):
         bench.project(model, "heads")
+    head_model = get_peft_model(make_model("llama"), seal_peft.SealConfig(granularity="head"))
+    with pytest.raises(ValueError, match="SEAL-H already"):
+        bench.decompose(head_model)
