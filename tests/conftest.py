@@ -65,6 +65,19 @@ def tiny_config(arch: str):
     raise KeyError(arch)
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a fresh module (the scripts are not a package)."""
+    import importlib.util
+
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py"
+    )
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 

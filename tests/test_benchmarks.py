@@ -6,7 +6,6 @@ merged-model checks); the numbers themselves are not asserted, timings in tests 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,15 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +29,7 @@ def _one_thread():
 
 def test_inference_benchmark_tiny(tmp_path, capsys):
     out = tmp_path / "inference.json"
-    record = _load("speed_inference").main(
+    record = load_benchmark("speed_inference").main(
         [
             "--model", "tiny", "--dtype", "float32,bfloat16", "--lengths", "16,32",
             "--decode-context", "8", "--decode-tokens", "2", "--repeats", "2", "--json", str(out),
@@ -59,10 +52,10 @@ def test_inference_benchmark_tiny(tmp_path, capsys):
 
 
 def test_merged_graph_check_catches_a_leftover_wrapper():
-    bench = _load("speed_inference")
+    bench = load_benchmark("speed_inference")
     from seal_peft.tuner.layer import SealLayer
 
-    base, _ = _load("_common").load_benchmark_model("tiny", torch.float32)
+    base, _ = load_benchmark("_common").load_benchmark_model("tiny", torch.float32)
     models = bench.build_variants(base, "head", seed=0)
     bench.check_merged_is_base_graph(models["base"], models["merged"])
     assert any(isinstance(m, SealLayer) for m in models["unmerged"].modules())
@@ -73,7 +66,7 @@ def test_merged_graph_check_catches_a_leftover_wrapper():
 def test_training_benchmark_tiny_in_process(tmp_path, capsys):
     out = tmp_path / "training.json"
     variants = "forward,forward-trim,seal-h,seal-c,lora,ia3,seal-h+full,lora+full,seal-h+ckpt"
-    record = _load("speed_training").main(
+    record = load_benchmark("speed_training").main(
         [
             "--model", "tiny", "--dtype", "float32", "--lengths", "48", "--steps", "1", "--warmup", "1",
             "--variants", variants, "--in-process", "--json", str(out),
@@ -113,12 +106,12 @@ def test_training_benchmark_worker_subprocess():
 
 def test_training_benchmark_rejects_unknown_variant():
     with pytest.raises(ValueError, match="bad variant"):
-        _load("speed_training").parse_variant("seal-x+fast")
+        load_benchmark("speed_training").parse_variant("seal-x+fast")
 
 
 def test_gpu_paper_setting_runs_on_cpu_tiny(tmp_path, capsys):
     out = tmp_path / "paper.json"
-    record = _load("gpu_paper_setting").main(
+    record = load_benchmark("gpu_paper_setting").main(
         [
             "--config", "tiny", "--seq-len", "40", "--samples", "50", "--variants", "seal-h,seal-c,lora",
             "--steps", "1", "--warmup", "0", "--device", "cpu", "--dtype", "float32", "--json", str(out),
@@ -135,7 +128,7 @@ def test_gpu_paper_setting_runs_on_cpu_tiny(tmp_path, capsys):
 
 
 def test_gpu_paper_configs_have_the_paper_shapes():
-    bench = _load("gpu_paper_setting")
+    bench = load_benchmark("gpu_paper_setting")
     cfg = bench.resolve_config("longchat-7b-32k")
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size) == (32, 32, 4096)
     assert cfg.max_position_embeddings == 32768
@@ -164,7 +157,7 @@ def test_long_input_inference_equals_merged_exactly(dtype, granularity):
 
     import seal_peft
 
-    base, _ = _load("_common").load_benchmark_model("tiny", dtype)
+    base, _ = load_benchmark("_common").load_benchmark_model("tiny", dtype)
     unmerged = get_peft_model(
         copy.deepcopy(base), seal_peft.SealConfig(granularity=granularity, init_weights=False)
     )
@@ -185,7 +178,7 @@ def test_long_input_paths_keep_gradients_and_hooks():
     import seal_peft
     from seal_peft.tuner.layer import SealLayer
 
-    base, _ = _load("_common").load_benchmark_model("tiny", torch.float32)
+    base, _ = load_benchmark("_common").load_benchmark_model("tiny", torch.float32)
     model = get_peft_model(base, seal_peft.SealConfig(init_weights=False))
     layer = next(m for m in model.modules() if isinstance(m, SealLayer))
     x = torch.randn(1, 160, 64)
@@ -208,7 +201,7 @@ def test_long_input_paths_keep_gradients_and_hooks():
 
 def test_layer_benchmark_tiny(tmp_path, capsys):
     out = tmp_path / "layer.json"
-    _load("speed_layer").main(
+    load_benchmark("speed_layer").main(
         ["--features", "32", "--head-dim", "8", "--tokens", "1,80", "--repeats", "1", "--budget-ms", "0.5",
          "--json", str(out)]
     )  # fmt: skip
@@ -223,7 +216,7 @@ def test_layer_benchmark_tiny(tmp_path, capsys):
 
 def test_eval_throughput_benchmark_tiny(tmp_path, capsys):
     out = tmp_path / "eval.json"
-    record = _load("eval_throughput").main(
+    record = load_benchmark("eval_throughput").main(
         ["--model", "tiny", "--length", "256", "--samples", "2", "--repeats", "2", "--max-new-tokens", "4",
          "--batch-size", "2", "--json", str(out)]
     )  # fmt: skip
@@ -245,8 +238,8 @@ def test_eval_throughput_benchmark_tiny(tmp_path, capsys):
 
 
 def test_training_floor_scalar_is_the_only_trainable_parameter():
-    bench = _load("speed_training")
-    model, _ = _load("_common").load_benchmark_model("tiny", torch.float32)
+    bench = load_benchmark("speed_training")
+    model, _ = load_benchmark("_common").load_benchmark_model("tiny", torch.float32)
     scalar = bench.attach_floor_scalar(model)
     assert [p for p in model.parameters() if p.requires_grad] == [scalar]
     ids = torch.randint(3, 500, (1, 12))
@@ -262,7 +255,7 @@ def test_training_floor_scalar_is_the_only_trainable_parameter():
 
 def test_training_floor_benchmark_tiny_in_process(tmp_path, capsys):
     out = tmp_path / "floor.json"
-    record = _load("training_floor").main(
+    record = load_benchmark("training_floor").main(
         ["--model", "tiny", "--lengths", "48", "--rounds", "2", "--in-process", "--profile", "3", "--json", str(out)]
     )  # fmt: skip
     printed = capsys.readouterr().out
@@ -280,7 +273,7 @@ def test_training_floor_benchmark_tiny_in_process(tmp_path, capsys):
 
 
 def test_training_floor_timing_worker_subprocess():
-    record = _load("training_floor").main(
+    record = load_benchmark("training_floor").main(
         ["--model", "tiny", "--lengths", "40", "--rounds", "1", "--groups", "plain", "--no-memory"]
     )
     assert [r["variant"] for r in record["rows"]] == ["floor", "seal-h", "seal-c"]
@@ -293,7 +286,7 @@ def test_seal_input_shares_storage_with_attention_output(granularity):
     # attention's backward keeps anyway, so it costs no memory (layer 0: no attention backward)
     from peft import get_peft_model
 
-    common, bench = _load("_common"), _load("training_floor")
+    common, bench = load_benchmark("_common"), load_benchmark("training_floor")
     for attn, shared in (("sdpa", 1), ("eager", 0)):
         model, _ = common.load_benchmark_model("tiny", torch.float32, attn_implementation=attn)
         model = get_peft_model(model, common.adapter_config(granularity)).train()
@@ -309,7 +302,7 @@ def test_line_retrieval_ia3_peer_scales_o_proj_inputs_only(layers):
     channel: structurally SEAL-C), optionally on some layers only (IA3Config has no layers_to_transform)."""
     from conftest import make_model
 
-    model = _load("line_retrieval").peer_model(make_model("llama"), "ia3", layers)
+    model = load_benchmark("line_retrieval").peer_model(make_model("llama"), "ia3", layers)
     trainable = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
     n_layers = model.config.num_hidden_layers
     expected = range(n_layers) if layers is None else layers
@@ -329,7 +322,7 @@ def test_scale_structure_decomposes_and_projects_seal_c_exactly(tmp_path):
 
     import seal_peft
 
-    bench = _load("scale_structure")
+    bench = load_benchmark("scale_structure")
     torch.manual_seed(0)
     model = get_peft_model(make_model("llama"), seal_peft.SealConfig(granularity="channel"))
     params = [p for n, p in model.named_parameters() if "seal_scale" in n]

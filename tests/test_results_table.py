@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_benchmark
 
 
 def _record(granularity, acc, ppl, **extra):
@@ -20,12 +17,7 @@ def _record(granularity, acc, ppl, **extra):
 
 
 def _results_table():
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import results_table
-    finally:
-        sys.path.remove(os.path.join(REPO, "benchmarks"))
-    return results_table
+    return load_benchmark("results_table")
 
 
 def test_table_cells_come_from_the_records():

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "extension.py"
-    spec = importlib.util.spec_from_file_location("bench_extension_data", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("extension")
 
 
 def _args(**kw) -> argparse.Namespace:

@@ -8,7 +8,7 @@ import types
 
 import pytest
 import torch
-from conftest import VOCAB, make_model
+from conftest import VOCAB, load_benchmark, make_model
 
 from seal_peft.extension import extend_context, self_extend_states
 from seal_peft.extension.self_extend import SelfExtendState, _self_extend_attention
@@ -382,14 +382,9 @@ def test_fused_greedy_identical_on_embedded_model():
 
 def test_speed_benchmark_runs_on_tiny_model(tmp_path, capsys):
     """``benchmarks/extension.py --speed`` end to end on the tiny random model (nothing timed is asserted)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "extension.py"
-    spec = importlib.util.spec_from_file_location("bench_extension", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("extension")
     out = tmp_path / "speed.json"
     report = bench.main(
         ["--speed", "--model", "tiny", "--dtype", "float32", "--lengths", "40,80", "--window", "16", "--group", "4",
@@ -430,13 +425,7 @@ def test_evaluator_greedy_loop_runs_fused_and_matches_reference(batch_size):
 
 def test_speed_benchmark_decode_after_synthetic_cache(tmp_path):
     """``--decode-lengths``: decode alone after a random KV cache, base and fused interleaved in pairs."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "extension.py"
-    spec = importlib.util.spec_from_file_location("bench_extension_decode", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("extension")
     report = bench.main(
         ["--speed", "--model", "tiny", "--dtype", "float32", "--repeats", "0", "--check-length", "0",
          "--decode-lengths", "40,60", "--decode-repeats", "2", "--decode-steps", "2", "--window", "16",
