@@ -131,6 +131,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None)
     p.add_argument("--save-adapter", default=None)
     p.add_argument("--adapter", default=None, help="evaluate this saved adapter instead of training one")
+    p.add_argument(
+        "--extend",
+        default=None,
+        metavar="METHOD:FACTOR",
+        help="extend the context first (seal_peft.extension: ntk:2, yarn:2, self_extend:4, ...): training, "
+        "evaluation and perplexity all run on the extended model, and a saved adapter records it",
+    )
     args = p.parse_args(argv)
 
     from peft import get_peft_model
@@ -144,6 +151,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     dtype = resolve_dtype(args.dtype)
     model, tok = load_model(args.model, dtype=dtype)
+    if args.extend:
+        from seal_peft.extension import extend_context, extended_context_length, parse_extend
+
+        ext = parse_extend(args.extend)
+        extend_context(model, ext.pop("method"), factor=ext.pop("factor"), **ext)
+        tok.model_max_length = max(tok.model_max_length, extended_context_length(model))
     eval_lengths = [int(x) for x in args.eval_lengths.split(",")]
     train_lengths = [int(x) for x in args.train_length.split(",")]
     record: dict = {"args": vars(args), "dtype": str(dtype).removeprefix("torch.")}
@@ -209,13 +222,19 @@ def main(argv: list[str] | None = None) -> dict:
         )
         record["train_seconds"] = round(time.time() - t0, 1)
         if not args.peer:
-            scales = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "seal_scale" in n])
+            scales = torch.cat(
+                [p.detach().flatten() for n, p in model.named_parameters() if "seal_scale" in n]
+            )
             record["scales"] = {
                 "min": scales.min().item(),
                 "max": scales.max().item(),
                 "mean": scales.mean().item(),
             }
         if args.save_adapter and args.peer != "o_proj":
+            if args.extend and not args.peer:
+                from seal_peft.extension import record_extension
+
+                record_extension(model)  # the scales were learned for the extended positions
             model.save_pretrained(args.save_adapter)
         if args.peer in ("lora", "dora", "ia3"):
             model = model.merge_and_unload()  # evaluate what would be deployed (DoRA unmerged is slow)

@@ -232,7 +232,16 @@ def test_line_retrieval_benchmark_small(tmp_path):
     finally:
         sys.path.remove(os.path.join(REPO, "benchmarks"))
     out = tmp_path / "r.json"
-    common = ["--train-length", "256", "--eval-lengths", "256", "--ppl-tokens", "128", "--ood-ppl-tokens", "128"]
+    common = [
+        "--train-length",
+        "256",
+        "--eval-lengths",
+        "256",
+        "--ppl-tokens",
+        "128",
+        "--ood-ppl-tokens",
+        "128",
+    ]
     rec = bench.main(
         ["--granularity", "channel", "--train-samples", "2", "--eval-samples", "1", "--lm-every", "1"]
         + ["--lm-length", "64", "--save-adapter", str(tmp_path / "a"), "--out", str(out)]
@@ -248,3 +257,32 @@ def test_line_retrieval_benchmark_small(tmp_path):
     assert rec["ppl"] > 1 and rec["ppl_ood"] > 1
     again = bench.main(["--adapter", str(tmp_path / "a"), "--eval-samples", "0"] + common)
     assert "accuracy" not in again and again["ppl"] == pytest.approx(rec["ppl"], rel=1e-4)
+
+
+def test_line_retrieval_benchmark_extend_trains_on_the_extended_model_and_records_it(tmp_path):
+    """``--extend ntk:2``: the adapter is trained on the NTK-extended model and its config says so (so
+    ``seal_peft.extension.from_pretrained`` re-applies NTK), and the perplexity is the extended model's."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import line_retrieval as bench
+    finally:
+        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    common = ["--train-length", "256", "--eval-formats", "", "--ppl-tokens", "128", "--ood-ppl-tokens", "0"]
+    base = bench.main(["--granularity", "none"] + common)
+    ntk = bench.main(["--granularity", "none", "--extend", "ntk:2"] + common)
+    assert ntk["ppl"] != pytest.approx(base["ppl"], rel=1e-4)  # NTK moved every rotary frequency but one
+    bench.main(
+        [
+            "--granularity",
+            "channel",
+            "--extend",
+            "ntk:2",
+            "--train-samples",
+            "1",
+            "--save-adapter",
+            str(tmp_path / "a"),
+        ]
+        + common
+    )
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["extension"]["method"] == "ntk" and config["extension"]["factor"] == 2.0
