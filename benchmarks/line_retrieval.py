@@ -222,9 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         record["train_seconds"] = round(time.time() - t0, 1)
         if not args.peer:
-            scales = torch.cat(
-                [p.detach().flatten() for n, p in model.named_parameters() if "seal_scale" in n]
-            )
+            scales = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "seal_scale" in n])
             record["scales"] = {
                 "min": scales.min().item(),
                 "max": scales.max().item(),

@@ -232,16 +232,7 @@ def test_line_retrieval_benchmark_small(tmp_path):
     finally:
         sys.path.remove(os.path.join(REPO, "benchmarks"))
     out = tmp_path / "r.json"
-    common = [
-        "--train-length",
-        "256",
-        "--eval-lengths",
-        "256",
-        "--ppl-tokens",
-        "128",
-        "--ood-ppl-tokens",
-        "128",
-    ]
+    common = ["--train-length", "256", "--eval-lengths", "256", "--ppl-tokens", "128", "--ood-ppl-tokens", "128"]
     rec = bench.main(
         ["--granularity", "channel", "--train-samples", "2", "--eval-samples", "1", "--lm-every", "1"]
         + ["--lm-length", "64", "--save-adapter", str(tmp_path / "a"), "--out", str(out)]
@@ -271,18 +262,7 @@ def test_line_retrieval_benchmark_extend_trains_on_the_extended_model_and_record
     base = bench.main(["--granularity", "none"] + common)
     ntk = bench.main(["--granularity", "none", "--extend", "ntk:2"] + common)
     assert ntk["ppl"] != pytest.approx(base["ppl"], rel=1e-4)  # NTK moved every rotary frequency but one
-    bench.main(
-        [
-            "--granularity",
-            "channel",
-            "--extend",
-            "ntk:2",
-            "--train-samples",
-            "1",
-            "--save-adapter",
-            str(tmp_path / "a"),
-        ]
-        + common
-    )
+    adapter = ["--train-samples", "1", "--save-adapter", str(tmp_path / "a")]
+    bench.main(["--granularity", "channel", "--extend", "ntk:2"] + adapter + common)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["extension"]["method"] == "ntk" and config["extension"]["factor"] == 2.0
