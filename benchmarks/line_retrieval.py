@@ -152,10 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = resolve_dtype(args.dtype)
     model, tok = load_model(args.model, dtype=dtype)
     if args.extend:
-        from seal_peft.extension import extend_context, extended_context_length, parse_extend
+        from seal_peft.extension import apply_from_config, extended_context_length, parse_extend
 
-        ext = parse_extend(args.extend)
-        extend_context(model, ext.pop("method"), factor=ext.pop("factor"), **ext)
+        apply_from_config(model, parse_extend(args.extend))
         tok.model_max_length = max(tok.model_max_length, extended_context_length(model))
     eval_lengths = [int(x) for x in args.eval_lengths.split(",")]
     train_lengths = [int(x) for x in args.train_length.split(",")]
@@ -229,10 +228,6 @@ def main(argv: list[str] | None = None) -> dict:
                 "mean": scales.mean().item(),
             }
         if args.save_adapter and args.peer != "o_proj":
-            if args.extend and not args.peer:
-                from seal_peft.extension import record_extension
-
-                record_extension(model)  # the scales were learned for the extended positions
             model.save_pretrained(args.save_adapter)
         if args.peer in ("lora", "dora", "ia3"):
             model = model.merge_and_unload()  # evaluate what would be deployed (DoRA unmerged is slow)

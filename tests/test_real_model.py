@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import load_benchmark
 from peft import get_peft_model
 
 from seal_peft import SealConfig, SealLayer
@@ -226,11 +227,7 @@ def test_example_script_runs(tmp_path):
 
 def test_line_retrieval_benchmark_small(tmp_path):
     """benchmarks/line_retrieval.py (the script behind docs/results.md) at toy size, LM mixing on."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import line_retrieval as bench
-    finally:
-        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    bench = load_benchmark("line_retrieval")
     out = tmp_path / "r.json"
     common = ["--train-length", "256", "--eval-lengths", "256", "--ppl-tokens", "128", "--ood-ppl-tokens", "128"]
     rec = bench.main(
@@ -253,11 +250,7 @@ def test_line_retrieval_benchmark_small(tmp_path):
 def test_line_retrieval_benchmark_extend_trains_on_the_extended_model_and_records_it(tmp_path):
     """``--extend ntk:2``: the adapter is trained on the NTK-extended model and its config says so (so
     ``seal_peft.extension.from_pretrained`` re-applies NTK), and the perplexity is the extended model's."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import line_retrieval as bench
-    finally:
-        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    bench = load_benchmark("line_retrieval")
     common = ["--train-length", "256", "--eval-formats", "", "--ppl-tokens", "128", "--ood-ppl-tokens", "0"]
     base = bench.main(["--granularity", "none"] + common)
     ntk = bench.main(["--granularity", "none", "--extend", "ntk:2"] + common)
