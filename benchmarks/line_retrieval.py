@@ -85,6 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-samples", type=int, default=50)
     p.add_argument("--train-length", default="1024", help="comma-separated token lengths, cycled")
     p.add_argument("--scale-pull", type=float, default=0.0)
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass (memory for 12K-16K training samples)",
+    )
     p.add_argument("--lm-every", type=int, default=0, help="insert one essay LM sample after every N samples")
     p.add_argument("--lm-length", type=int, default=512, help="tokens per LM sample (training essays)")
     p.add_argument(
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
         from seal_peft.extension import apply_from_config, extended_context_length, parse_extend
 
         apply_from_config(model, parse_extend(args.extend))
-        tok.model_max_length = max(tok.model_max_length, extended_context_length(model))
+        limit, current = extended_context_length(model), tok.model_max_length or 0
+        tok.model_max_length = limit if current > 10**7 else max(limit, current)  # huge = "no limit"
     eval_lengths = [int(x) for x in args.eval_lengths.split(",")]
     train_lengths = [int(x) for x in args.train_length.split(",")]
     record: dict = {"args": vars(args), "dtype": str(dtype).removeprefix("torch.")}
@@ -215,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
             num_train_epochs=args.epochs,
             scale_pull=args.scale_pull,
             lm_kl=args.lm_kl,
+            gradient_checkpointing=args.gradient_checkpointing,
             seed=args.seed,
             progress=False,
             logging_steps=10,

@@ -259,3 +259,41 @@ def test_line_retrieval_benchmark_extend_trains_on_the_extended_model_and_record
     bench.main(["--granularity", "channel", "--extend", "ntk:2"] + adapter + common)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["extension"]["method"] == "ntk" and config["extension"]["factor"] == 2.0
+
+
+def test_line_retrieval_benchmark_extend_trains_past_the_native_window(tmp_path, monkeypatch):
+    """``--extend ntk:2`` with training samples longer than the model's window (the paper's NTK setting):
+    the tokenizer is told the extended length, so the generator accepts them (it refused every length
+    past ``max_position_embeddings`` before), and ``--gradient-checkpointing`` reaches the Trainer
+    without changing the step. The window is shrunk to 256 in a copy of the model's config to keep it fast."""
+    import seal_peft.training
+    from seal_peft.models import embedded_model_path
+
+    src = embedded_model_path()
+    folder = tmp_path / "smol256"
+    folder.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (folder / f.name).symlink_to(f)
+    config = json.loads((src / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=256)))
+    seen, train_seal = [], seal_peft.training.train_seal
+    monkeypatch.setattr(
+        seal_peft.training,
+        "train_seal",
+        lambda *a, **k: (seen.append(k["gradient_checkpointing"]), train_seal(*a, **k))[1],
+    )
+    bench = load_benchmark("line_retrieval")
+    common = ["--model", str(folder), "--extend", "ntk:2", "--granularity", "channel", "--train-samples", "1"]
+    common += ["--train-length", "400", "--eval-formats", "", "--ppl-tokens", "64", "--ood-ppl-tokens", "0"]
+    for name, flag in (("plain", []), ("ckpt", ["--gradient-checkpointing"])):
+        bench.main(common + flag + ["--save-adapter", str(tmp_path / name)])
+    assert seen == [False, True]
+    config = json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())
+    assert config["extension"]["method"] == "ntk" and config["extension"]["factor"] == 2.0
+    from safetensors.torch import load_file
+
+    plain, ckpt = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("plain", "ckpt"))
+    assert plain.keys() == ckpt.keys() and any((v != 1).any() for v in plain.values())  # the step moved them
+    for key in plain:  # recomputing the activations takes the same step, to float rounding
+        torch.testing.assert_close(ckpt[key], plain[key], rtol=1e-6, atol=1e-6)
